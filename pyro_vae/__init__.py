@@ -1,0 +1,41 @@
+"""pyro-vae: the variational autoencoder as a Pyro probabilistic program.
+
+Python API (the CLI and the notebooks use the same functions)::
+
+    from pyro_vae import VAEConfig, fit, load_dataset, load_run
+    run = fit(VAEConfig(epochs=5), out="runs/demo")
+    images = run.sample(16)
+"""
+
+from .config import VAEConfig
+from .datasets import ImageData, load_dataset, read_idx, write_idx
+from .errors import CheckpointError, ConfigError, DataError, IDXError, PyroVAEError
+from .guides import AmortizedGuide, Guide, make_guide
+from .model import VAE, data_plate
+from .run import Run, load_run
+from .train import elbo_per_image, fit, make_elbo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VAEConfig",
+    "ImageData",
+    "load_dataset",
+    "read_idx",
+    "write_idx",
+    "PyroVAEError",
+    "ConfigError",
+    "DataError",
+    "IDXError",
+    "CheckpointError",
+    "Guide",
+    "AmortizedGuide",
+    "make_guide",
+    "VAE",
+    "data_plate",
+    "Run",
+    "load_run",
+    "fit",
+    "make_elbo",
+    "elbo_per_image",
+]

@@ -1,0 +1,8 @@
+"""``python -m pyro_vae ...`` is ``pyro-vae ...``."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Configuration of a VAE run: one dataclass, built by the CLI, used directly by notebooks."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from .errors import ConfigError
+
+__all__ = ["VAEConfig", "DATASETS", "LIKELIHOODS", "BINARIZATIONS", "ELBOS", "GUIDES"]
+
+DATASETS = ("mnist-5k", "mnist", "fashion-mnist")
+LIKELIHOODS = ("bernoulli", "normal")
+BINARIZATIONS = ("dynamic", "static", "none")
+ELBOS = ("trace", "meanfield", "jit")
+GUIDES = ("amortized",)
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class VAEConfig:
+    # --- data ---
+    dataset: str = "mnist-5k"  # mnist-5k (embedded, offline) | mnist | fashion-mnist
+    data_dir: Optional[str] = None  # folder of MNIST-format IDX files; replaces `dataset`
+    binarize: str = "dynamic"  # dynamic: fresh Bernoulli draw per minibatch | static | none
+    val_size: int = 500  # images held out of the training file for validation
+    split_seed: int = 0  # seed of the shuffle that splits train/validation (fixed across runs)
+    limit: Optional[int] = None  # keep only this many training images (quick runs)
+    # --- model p(x, z) = p(z) p(x|z) ---
+    z_dim: int = 20  # dimension of the latent z
+    hidden: Tuple[int, ...] = (400,)  # hidden layer widths; encoder uses them, decoder reversed
+    likelihood: str = "bernoulli"  # bernoulli: 784 Bernoulli(logits) | normal: N(mu(z), sigma(z)^2)
+    min_scale: float = 1e-2  # lower bound on the Normal decoder's sigma (density cannot blow up)
+    # --- variational family q(z|x) ---
+    guide: str = "amortized"  # amortized: one encoder network shared by all datapoints
+    # --- inference ---
+    elbo: str = "trace"  # trace: Trace_ELBO | meanfield: TraceMeanField_ELBO (analytic KL) | jit
+    num_particles: int = 1  # samples of z per datapoint in each ELBO estimate
+    kl_warmup: int = 0  # epochs of linear KL warm-up: beta goes 1/E, 2/E, ..., 1 (0 = off)
+    beta: float = 1.0  # weight of the KL term after warm-up (1 = the ELBO)
+    lr: float = 1e-3  # Adam learning rate
+    batch_size: int = 128  # images per minibatch
+    epochs: int = 40  # passes over the training images
+    seed: int = 0  # seed of parameter init, minibatch order, binarization and z draws
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    validate: bool = False  # Pyro argument validation in the training loop (slower; on in tests)
+
+    def __post_init__(self):
+        self.hidden = tuple(int(h) for h in self.hidden)
+        self.check()
+
+    def check(self) -> "VAEConfig":
+        """Raise :class:`ConfigError` with a one-line message for any impossible setting."""
+        choices = {
+            "dataset": DATASETS,
+            "binarize": BINARIZATIONS,
+            "likelihood": LIKELIHOODS,
+            "guide": GUIDES,
+            "elbo": ELBOS,
+            "device": DEVICES,
+        }
+        for name, allowed in choices.items():
+            if name == "dataset" and self.data_dir is not None:
+                continue
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}"
+                )
+        for name in ("z_dim", "batch_size", "epochs", "num_particles"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be a positive integer; got {getattr(self, name)}")
+        if not self.hidden or min(self.hidden) < 1:
+            raise ConfigError(f"hidden must be positive layer widths, e.g. 400 or 500,500; got {self.hidden}")
+        if not (self.lr > 0):
+            raise ConfigError(f"lr must be positive; got {self.lr}")
+        if not (self.min_scale > 0):
+            raise ConfigError(f"min_scale must be positive; got {self.min_scale}")
+        if self.kl_warmup < 0:
+            raise ConfigError(f"kl_warmup must be >= 0; got {self.kl_warmup}")
+        if not (self.beta > 0):
+            raise ConfigError(f"beta must be positive; got {self.beta}")
+        if self.val_size < 0:
+            raise ConfigError(f"val_size must be >= 0; got {self.val_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be a positive integer; got {self.limit}")
+        return self
+
+    def beta_at(self, epoch: int) -> float:
+        """KL weight for a (0-based) epoch: linear warm-up over ``kl_warmup`` epochs, then ``beta``."""
+        if self.kl_warmup <= 0:
+            return self.beta
+        return self.beta * min(1.0, (epoch + 1) / self.kl_warmup)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VAEConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "VAEConfig":
+        return dataclasses.replace(self, **changes)
+
