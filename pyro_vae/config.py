@@ -41,7 +41,7 @@ class VAEConfig:
     beta: float = 1.0  # weight of the KL term after warm-up (1 = the ELBO)
     lr: float = 1e-3  # Adam learning rate
     batch_size: int = 128  # images per minibatch
-    epochs: int = 40  # passes over the training images
+    epochs: int = 200  # passes over the training images
     seed: int = 0  # seed of parameter init, minibatch order, binarization and z draws
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     validate: bool = False  # Pyro argument validation in the training loop (slower; on in tests)
