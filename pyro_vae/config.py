@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from .errors import ConfigError
 
-__all__ = ["VAEConfig", "DATASETS", "LIKELIHOODS", "BINARIZATIONS", "ELBOS", "GUIDES"]
+__all__ = ["VAEConfig", "DATASETS", "LIKELIHOODS", "BINARIZATIONS", "ELBOS", "GUIDES", "DEVICES", "NONFINITE"]
 
 DATASETS = ("mnist-5k", "mnist", "fashion-mnist")
 LIKELIHOODS = ("bernoulli", "normal")
 BINARIZATIONS = ("dynamic", "static", "none")
 ELBOS = ("trace", "meanfield", "jit")
-GUIDES = ("amortized",)
+GUIDES = ("amortized", "mean-field", "semi-amortized")
 DEVICES = ("auto", "cpu", "cuda")
+NONFINITE = ("stop", "skip")
 
 
 @dataclass
@@ -33,7 +36,10 @@ class VAEConfig:
     likelihood: str = "bernoulli"  # bernoulli: 784 Bernoulli(logits) | normal: N(mu(z), sigma(z)^2)
     min_scale: float = 1e-2  # lower bound on the Normal decoder's sigma (density cannot blow up)
     # --- variational family q(z|x) ---
-    guide: str = "amortized"  # amortized: one encoder network shared by all datapoints
+    guide: str = "amortized"  # amortized (one shared encoder) | mean-field (free local params) | semi-amortized
+    local_lr: float = 0.1  # mean-field: SparseAdam learning rate of the per-datapoint parameters
+    refine_steps: int = 5  # semi-amortized: gradient steps on each image's ELBO from the encoder's output
+    refine_lr: float = 1e-2  # semi-amortized: step size of those refinement steps
     # --- inference ---
     elbo: str = "trace"  # trace: Trace_ELBO | meanfield: TraceMeanField_ELBO (analytic KL) | jit
     num_particles: int = 1  # samples of z per datapoint in each ELBO estimate
@@ -45,6 +51,7 @@ class VAEConfig:
     seed: int = 0  # seed of parameter init, minibatch order, binarization and z draws
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     validate: bool = False  # Pyro argument validation in the training loop (slower; on in tests)
+    on_nonfinite: str = "stop"  # non-finite loss: stop (last good checkpoint kept) | skip the step
 
     def __post_init__(self):
         self.hidden = tuple(int(h) for h in self.hidden)
@@ -59,6 +66,7 @@ class VAEConfig:
             "guide": GUIDES,
             "elbo": ELBOS,
             "device": DEVICES,
+            "on_nonfinite": NONFINITE,
         }
         for name, allowed in choices.items():
             if name == "dataset" and self.data_dir is not None:
@@ -72,14 +80,15 @@ class VAEConfig:
                 raise ConfigError(f"{name} must be a positive integer; got {getattr(self, name)}")
         if not self.hidden or min(self.hidden) < 1:
             raise ConfigError(f"hidden must be positive layer widths, e.g. 400 or 500,500; got {self.hidden}")
-        if not (self.lr > 0):
-            raise ConfigError(f"lr must be positive; got {self.lr}")
-        if not (self.min_scale > 0):
-            raise ConfigError(f"min_scale must be positive; got {self.min_scale}")
+        if self.refine_steps < 0:
+            raise ConfigError(f"refine_steps must be >= 0; got {self.refine_steps}")
+        if not (self.local_lr > 0 and self.refine_lr > 0):
+            raise ConfigError("local_lr and refine_lr must be positive")
+        for name in ("lr", "beta", "min_scale"):  # NaN and inf fail too
+            if not (0 < getattr(self, name) < math.inf):
+                raise ConfigError(f"{name} must be positive and finite; got {getattr(self, name)}")
         if self.kl_warmup < 0:
             raise ConfigError(f"kl_warmup must be >= 0; got {self.kl_warmup}")
-        if not (self.beta > 0):
-            raise ConfigError(f"beta must be positive; got {self.beta}")
         if self.val_size < 0:
             raise ConfigError(f"val_size must be >= 0; got {self.val_size}")
         if self.limit is not None and self.limit < 1:
@@ -99,12 +108,34 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a mapping; got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+        hints = typing.get_type_hints(cls)
+        for name, value in d.items():  # a dict from a file: check types before anything uses them
+            if not _type_ok(value, hints[name]):
+                raise ConfigError(f"config value {name}={value!r} has the wrong type ({type(value).__name__})")
         return cls(**d)
 
     def replace(self, **changes) -> "VAEConfig":
         return dataclasses.replace(self, **changes)
 
+
+def _type_ok(value, hint) -> bool:
+    """Whether a plain value (from JSON or a checkpoint) fits a field's annotation."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return any(_type_ok(value, a) for a in args)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value)
+    if hint in (int, float) and isinstance(value, bool):
+        return False
+    if hint is float:
+        return isinstance(value, (int, float))
+    try:
+        return isinstance(value, hint)
+    except TypeError:  # an annotation isinstance cannot check
+        return True

@@ -8,7 +8,9 @@ whole data set lives in memory (on the training device) and minibatches are rows
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import stat
 import struct
 import zlib
 from dataclasses import dataclass
@@ -37,6 +39,8 @@ SPLITS = ("train", "val", "test")
 # IDX type codes -> numpy big-endian dtypes (http://yann.lecun.com/exdb/mnist/)
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _IDX_CODES = {np.dtype(v).newbyteorder("=").str: k for k, v in _IDX_TYPES.items()}
+MAX_IDX_BYTES = 1 << 31  # largest data one IDX file may promise (full MNIST images: 47 MB)
+MAX_IDX_DIMS = 32  # numpy's limit on array dimensions (IDX itself allows 255)
 
 
 @dataclass
@@ -69,29 +73,58 @@ class ImageData:
 
 
 def read_idx(path) -> np.ndarray:
-    """Read an IDX file (``.gz`` or plain) into a numpy array; :class:`IDXError` if malformed."""
+    """Read an IDX file (``.gz`` or plain) into a numpy array; :class:`IDXError` if malformed.
+
+    Memory is bounded by what the file really holds: the header's promise is checked against
+    :data:`MAX_IDX_BYTES` and against the data before any large buffer is allocated (a corrupt
+    header or a gzip bomb cannot exhaust memory).
+    """
     path = Path(path)
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device could block or never end
+            raise IDXError(f"{path}: not a regular file")
         with open(path, "rb") as f:
-            raw = f.read()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
+            compressed = f.read(2) == b"\x1f\x8b"
+        with (gzip.open if compressed else open)(path, "rb") as f:
+            head = _read_upto(f, 4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_TYPES:
+                raise IDXError(f"{path}: not an IDX file (bad magic number {head.hex() or 'empty'})")
+            dtype, ndim = np.dtype(_IDX_TYPES[head[2]]), head[3]
+            if ndim == 0 or ndim > MAX_IDX_DIMS:
+                raise IDXError(f"{path}: IDX header declares {ndim} dimensions (1 to {MAX_IDX_DIMS} supported)")
+            raw_dims = _read_upto(f, 4 * ndim)
+            if len(raw_dims) < 4 * ndim:
+                raise IDXError(f"{path}: truncated IDX header")
+            dims = struct.unpack(f">{ndim}I", raw_dims)
+            expected = math.prod(dims) * dtype.itemsize  # Python ints: no overflow
+            shape = "x".join(map(str, dims))
+            if expected > MAX_IDX_BYTES:
+                raise IDXError(f"{path}: IDX header promises {shape} values ({expected} bytes), more than pyro-vae reads")
+            held = None if compressed else os.fstat(f.fileno()).st_size - 4 - 4 * ndim
+            if held is None or held == expected:
+                body = _read_upto(f, expected + 1)  # one byte more tells trailing data apart
+                held = len(body)
     except (OSError, EOFError, zlib.error) as e:  # missing, unreadable, bad or truncated gzip
         raise IDXError(f"{path}: cannot read IDX file ({e or type(e).__name__})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
-        raise IDXError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
-    dtype, ndim = np.dtype(_IDX_TYPES[raw[2]]), raw[3]
-    if ndim == 0 or len(raw) < 4 + 4 * ndim:
-        raise IDXError(f"{path}: truncated IDX header")
-    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    body = raw[4 + 4 * ndim :]
-    if len(body) != expected:
+    if held != expected:
+        held = f"more than {expected}" if compressed and held > expected else held
         raise IDXError(
-            f"{path}: IDX header promises {'x'.join(map(str, dims))} values "
-            f"({expected} bytes) but the file holds {len(body)} bytes (truncated or corrupt)"
+            f"{path}: IDX header promises {shape} values ({expected} bytes) "
+            f"but the file holds {held} bytes (truncated or corrupt)"
         )
     return np.frombuffer(body, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _read_upto(f, n: int) -> bytes:
+    """Read at most ``n`` bytes in bounded chunks (memory grows only with what is really there)."""
+    chunks, left = [], n
+    while left > 0:
+        chunk = f.read(min(left, 1 << 24))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -129,24 +162,29 @@ def _read_pair(folder: Path, prefix: str, need_labels: bool):
         )
     if images.shape[0] == 0:
         raise IDXError(f"{images_path}: holds no images")
-    if images.dtype != np.uint8:
+    if images.dtype == np.uint8:
+        pixels = torch.as_tensor(images, dtype=torch.float32) / 255.0
+    elif images.dtype.kind == "f":  # grey values must already be probabilities of ink
         images = images.astype(np.float64)
         if not np.isfinite(images).all():
             raise IDXError(f"{images_path}: images contain NaN or infinite values")
         lo, hi = images.min(), images.max()
         if lo < 0 or hi > 1:
-            raise IDXError(f"{images_path}: float pixel values must lie in [0, 1], found [{lo}, {hi}]")
+            raise IDXError(f"{images_path}: float pixel values must lie in [0, 1], found [{lo:g}, {hi:g}]")
         pixels = torch.as_tensor(images, dtype=torch.float32)
-    else:
-        pixels = torch.as_tensor(images, dtype=torch.float32) / 255.0
+    else:  # int8/16/32: no agreed scale (0-255? 0-1?), so refuse rather than guess
+        raise IDXError(
+            f"{images_path}: pixels are {images.dtype}; pyro-vae reads unsigned bytes (0-255) "
+            "or floats in [0, 1]"
+        )
     labels = None
     labels_path = _find(folder, f"{prefix}-labels-idx1-ubyte")
     if labels_path is not None:
         raw = read_idx(labels_path)
-        if raw.ndim != 1 or raw.shape[0] != images.shape[0]:
-            raise IDXError(
-                f"{labels_path}: {raw.shape[0] if raw.ndim else 0} labels for {images.shape[0]} images"
-            )
+        if raw.ndim != 1 or raw.dtype.kind not in "iu":
+            raise IDXError(f"{labels_path}: expected a 1-d array of integer labels, got {raw.dtype} {raw.shape}")
+        if raw.shape[0] != images.shape[0]:
+            raise IDXError(f"{labels_path}: {raw.shape[0]} labels for {images.shape[0]} images")
         labels = torch.as_tensor(raw.astype(np.int64))
     elif need_labels:
         raise DataError(f"{folder}: no {prefix}-labels-idx1-ubyte[.gz] file")
@@ -199,7 +237,7 @@ def load_dataset(
     if data_dir is not None:
         folder, name = Path(data_dir), str(data_dir)
         if not folder.is_dir():
-            raise DataError(f"--data-dir {folder}: no such folder")
+            raise DataError(f"--data-dir {folder}: {'not a folder' if folder.exists() else 'no such folder'}")
     elif dataset == "mnist-5k":
         folder, name = EMBEDDED_DIR, "mnist-5k"
         if split == "test":

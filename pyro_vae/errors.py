@@ -1,6 +1,14 @@
 """Errors a user can cause. The CLI prints them as one line, without a traceback."""
 
-__all__ = ["PyroVAEError", "ConfigError", "DataError", "IDXError", "CheckpointError"]
+__all__ = [
+    "PyroVAEError",
+    "ConfigError",
+    "DataError",
+    "IDXError",
+    "CheckpointError",
+    "TrainingError",
+    "TrainingInterrupted",
+]
 
 
 class PyroVAEError(Exception):
@@ -25,3 +33,20 @@ class IDXError(DataError, ValueError):
 
 class CheckpointError(PyroVAEError):
     """A run folder or checkpoint that cannot be loaded safely."""
+
+
+class TrainingError(PyroVAEError):
+    """Training that cannot go on (a non-finite loss or parameters); the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(PyroVAEError):
+    """Training stopped by SIGINT (Ctrl-C) or SIGTERM after a checkpoint was written.
+
+    :param str message: what happened and how to resume.
+    :param int signum: the signal; the exit code is ``128 + signum`` (130 for Ctrl-C, 143 for SIGTERM).
+    """
+
+    def __init__(self, message: str, signum: int = 2):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum

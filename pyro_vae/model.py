@@ -60,16 +60,21 @@ class VAE(nn.Module):
 
     :param VAEConfig config: sizes and likelihood.
     :param guide: a :class:`~pyro_vae.guides.Guide`; by default the one ``config.guide`` names.
+    :param int num_data: training images (the mean-field guide holds parameters for each).
     """
 
-    def __init__(self, config: VAEConfig, guide: Optional[nn.Module] = None, x_dim: int = X_DIM):
+    def __init__(
+        self, config: VAEConfig, guide: Optional[nn.Module] = None, x_dim: int = X_DIM, num_data: Optional[int] = None
+    ):
         super().__init__()
         from .guides import make_guide  # guides import data_plate from here
 
         self.config = config
         self.x_dim = x_dim
         self.decoder = make_decoder(config.likelihood, config.z_dim, config.hidden, x_dim, config.min_scale)
-        self.inference = guide if guide is not None else make_guide(config, x_dim)
+        self.inference = guide if guide is not None else make_guide(config, x_dim, num_data)
+        if hasattr(self.inference, "attach"):  # guides that score images with p(x|z) themselves
+            self.inference.attach(self.likelihood)
 
     # ------------------------------------------------------------------ the probabilistic program
 

@@ -37,10 +37,17 @@ class Run:
     def device(self) -> torch.device:
         return next(self.vae.parameters()).device
 
-    @torch.no_grad()
-    def encode(self, x: torch.Tensor):
-        """``(loc, scale)`` of q(z|x) for images ``x [B, 784]`` (amortized guides)."""
-        return self.vae.inference.posterior(x.to(self.device))
+    def encode(self, x: torch.Tensor, local_steps: int = 300):
+        """``(loc, scale)`` of q(z|x) for images ``x [B, 784]``: the guide's encoder, or for guides
+        without one (mean-field) a :func:`~pyro_vae.local.fit_local` of ``local_steps`` steps."""
+        x = x.to(self.device)
+        if not self.vae.inference.amortized:
+            from .local import fit_local
+
+            fit = fit_local(self.vae, x, steps=local_steps, init="zero")
+            return fit.loc, fit.scale
+        with torch.no_grad():
+            return self.vae.inference.posterior(x)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,7 +136,8 @@ def load_run(path, device="cpu") -> Run:
     state = load_checkpoint(ckpt)
     try:
         config = VAEConfig.from_dict(state["config"])
-        vae = VAE(config)
+        local = state["model"].get("inference.local.weight")  # mean-field: one row per image
+        vae = VAE(config, num_data=None if local is None else local.shape[0])
         vae.load_state_dict(state["model"])
     except (PyroVAEError, KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{ckpt}: checkpoint does not match its config ({str(e).splitlines()[0]})") from None

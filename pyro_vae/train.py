@@ -23,7 +23,7 @@ from .errors import ConfigError
 from .model import VAE
 from .run import Run, prepare_run_dir, save_checkpoint, write_json
 
-__all__ = ["fit", "make_elbo", "resolve_device", "load_splits", "elbo_per_image", "eval_binarized"]
+__all__ = ["fit", "make_elbo", "make_optimizer", "resolve_device", "load_splits", "elbo_per_image", "eval_binarized"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,6 +78,39 @@ def elbo_per_image(vae: VAE, x: torch.Tensor, batch_size: int = 1000, seed: int 
     return -total / x.shape[0]
 
 
+class Optimizers:
+    """Several torch optimizers stepped as one, with the single-optimizer interface."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for o, s in zip(self.optimizers, state["optimizers"]):
+            o.load_state_dict(s)
+
+
+def make_optimizer(vae: VAE, config: VAEConfig):
+    """One ``torch.optim.Adam`` over all parameters; with per-datapoint (sparse) parameters, a
+    ``SparseAdam`` for those, so a minibatch step moves only the rows of its images."""
+    sparse = [p for m in vae.modules() if isinstance(m, torch.nn.Embedding) and m.sparse for p in m.parameters()]
+    dense = [p for p in vae.parameters() if all(p is not q for q in sparse)]
+    adam = torch.optim.Adam(dense, lr=config.lr)
+    if not sparse:
+        return adam
+    return Optimizers(adam, torch.optim.SparseAdam(sparse, lr=config.local_lr))
+
+
 def fit(
     config: VAEConfig,
     out=None,
@@ -106,15 +139,17 @@ def fit(
     pyro.clear_param_store()
     pyro.enable_validation(config.validate)
     images = train_data.images.to(device)  # [N, 784], whole data set on the device
-    x_val = eval_binarized(val_data).to(device) if val_data is not None else None
+    # the validation ELBO needs q(z|x) for unseen images: amortized guides only (others: fit_local)
+    amortized = config.guide != "mean-field"
+    x_val = eval_binarized(val_data).to(device) if val_data is not None and amortized else None
     num_data = len(images)
 
-    vae = VAE(config).to(device)
+    vae = VAE(config, num_data=num_data).to(device)
     run = Run(config, vae, [], out)
     if out is not None:
         write_json(out / "config.json", config.to_dict())
     loss_fn = make_elbo(config).differentiable_loss
-    optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr)
+    optimizer = make_optimizer(vae, config)
     if train_data.binarize == "none":
         log("note: --binarize none scores grey values with a Bernoulli: ELBOs are not log-likelihoods")
 

@@ -1,0 +1,101 @@
+r"""Test-time inference for any guide: fit one Gaussian per image with the decoder frozen.
+
+For images :math:`x_{1:B}` and a trained decoder :math:`\theta`, :func:`fit_local` solves
+
+.. math::
+
+    \lambda_i^\star = \arg\max_{\lambda_i = (\mu_i, \sigma_i)} \;
+    \mathbb{E}_{\mathcal{N}(z; \mu_i, \sigma_i^2)}\big[\log p_\theta(x_i \mid z)\big]
+    - \mathrm{KL}\big(\mathcal{N}(\mu_i, \sigma_i^2) \,\|\, \mathcal{N}(0, I)\big)
+
+by SVI on the same Pyro ``model`` with a :class:`~pyro_vae.guides.MeanFieldGuide` over these images
+(``TraceMeanField_ELBO``, Adam, only the local parameters move). Started from the encoder's output
+it measures what the encoder leaves on the table: the *amortization gap* (Cremer et al. 2018).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+from pyro.infer import TraceMeanField_ELBO
+from tqdm import tqdm
+
+from .guides import MeanFieldGuide
+
+__all__ = ["LocalFit", "fit_local", "frozen"]
+
+INITS = ("zero", "encoder")
+
+
+@dataclass
+class LocalFit:
+    """Result of :func:`fit_local`: per-image Gaussian parameters and the optimisation curve."""
+
+    loc: torch.Tensor  # [B, z_dim]
+    scale: torch.Tensor  # [B, z_dim]
+    steps: List[int] = field(default_factory=list)  # steps at which `elbo` was recorded
+    elbo: List[float] = field(default_factory=list)  # one-sample ELBO estimate, nats per image
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module):
+    """Temporarily stop gradients to a module's parameters (and put it in eval mode)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    training = module.training
+    module.requires_grad_(False).train(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+        module.train(training)
+
+
+def fit_local(
+    run_or_vae,
+    x: torch.Tensor,
+    steps: int = 500,
+    init: str = "encoder",
+    lr: float = 1e-2,
+    seed: Optional[int] = 0,
+    record_every: int = 10,
+    progress: bool = False,
+) -> LocalFit:
+    """Optimise a Gaussian q(z_i) for each image of ``x [B, 784]`` (binarized as it is to be
+    scored), the decoder frozen.
+
+    :param init: ``"zero"`` (start at the prior N(0, I)) or ``"encoder"`` (start at the guide's
+        amortized output; falls back to ``"zero"`` for guides without an encoder).
+    :param steps: Adam steps on the summed ELBO of the batch (each image's gradient is its own).
+    """
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}; got {init!r}")
+    vae = getattr(run_or_vae, "vae", run_or_vae)
+    x = x.to(next(vae.parameters()).device)
+    guide = MeanFieldGuide(x.shape[0], vae.config.z_dim, sparse=False).to(x.device)
+    if init == "encoder" and vae.inference.amortized:
+        with torch.no_grad():
+            guide.set(*vae.inference.posterior(x))
+    elbo = TraceMeanField_ELBO()
+    optimizer = torch.optim.Adam(guide.parameters(), lr=lr)
+    result = LocalFit(loc=torch.empty(0), scale=torch.empty(0))
+    rng = torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [])
+    with rng, frozen(vae), torch.enable_grad():
+        if seed is not None:
+            torch.manual_seed(seed)
+        for step in tqdm(range(steps + 1), desc="local fit", leave=False, disable=not progress):
+            loss = elbo.differentiable_loss(vae.model, guide, x)  # -sum_i ELBO_i
+            if step % record_every == 0 or step == steps:
+                result.steps.append(step)
+                result.elbo.append(-loss.item() / x.shape[0])
+            if step == steps:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        result.loc, result.scale = (t.detach() for t in guide.posterior(x))
+    return result
