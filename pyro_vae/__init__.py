@@ -10,6 +10,7 @@ Python API (the CLI and the notebooks use the same functions)::
 from .config import VAEConfig
 from .datasets import ImageData, load_dataset, read_idx, write_idx
 from .errors import CheckpointError, ConfigError, DataError, IDXError, PyroVAEError
+from .evaluate import EvalResult, elbo_terms, evaluate, iwae_bound, load_eval_data, log_importance_weights
 from .guides import AmortizedGuide, Guide, make_guide
 from .model import VAE, data_plate
 from .run import Run, load_run
@@ -28,6 +29,12 @@ __all__ = [
     "DataError",
     "IDXError",
     "CheckpointError",
+    "EvalResult",
+    "evaluate",
+    "iwae_bound",
+    "elbo_terms",
+    "log_importance_weights",
+    "load_eval_data",
     "Guide",
     "AmortizedGuide",
     "make_guide",

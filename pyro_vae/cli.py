@@ -7,13 +7,17 @@ Every user mistake ends as one line on stderr and a non-zero exit code (2 for us
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
 from typing import List, Optional
 
-from .config import BINARIZATIONS, DATASETS, DEVICES, ELBOS, GUIDES, LIKELIHOODS, VAEConfig
-from .errors import PyroVAEError
+from .config import BASELINES, BINARIZATIONS, DATASETS, DEVICES, ELBOS, ESTIMATORS, GUIDES, LIKELIHOODS, NONFINITE, VAEConfig
+from .errors import PyroVAEError, TrainingInterrupted
+from .compare import add_parser as _add_compare_guides
+from .estimators import add_parser as _add_grad_variance
+from .evaluate import add_parser as _add_evaluate
 
 __all__ = ["main", "build_parser", "add_data_flags", "config_from_args"]
 
@@ -54,6 +58,8 @@ def _add_train(sub) -> None:
     o = p.add_argument_group("inference")
     o.add_argument("--elbo", choices=ELBOS, default=d.elbo, help="trace (default) | meanfield (analytic KL) | jit")
     o.add_argument("--num-particles", type=int, default=d.num_particles, help="z samples per image per step")
+    o.add_argument("--estimator", choices=ESTIMATORS, default=d.estimator, help="gradient: reparam (default) | score (REINFORCE/BBVI)")
+    o.add_argument("--baseline", choices=BASELINES, default=d.baseline, help="score only: none (default) | decaying-avg | neural")
     o.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
     o.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
     o.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
@@ -64,6 +70,9 @@ def _add_train(sub) -> None:
     r = p.add_argument_group("output")
     r.add_argument("--out", metavar="DIR", help="run folder (default runs/<date-time>)")
     r.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (same flags; --epochs may grow)")
+    o.add_argument("--on-nonfinite", choices=NONFINITE, default=d.on_nonfinite,
+                   help="a NaN/inf loss: stop (default; the last good checkpoint is kept) | skip the step")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 
@@ -83,13 +92,24 @@ def _default_out() -> Path:
     return out
 
 
+def _resume_command(args, out: Path) -> str:
+    """The command line that continues an interrupted run: this one, with ``--resume``."""
+    argv = [a for a in getattr(args, "argv", None) or ["train"] if a not in ("--overwrite", "--resume")]
+    if args.out is None:
+        argv += ["--out", str(out)]
+    return " ".join(shlex.quote(a) for a in ["pyro-vae", *argv, "--resume"])
+
+
 def _train(args) -> int:
     from .train import fit
 
     config = config_from_args(args)
     out = Path(args.out) if args.out else _default_out()
     start = time.perf_counter()
-    run = fit(config, out, progress=not args.quiet, overwrite=args.overwrite)
+    try:
+        run = fit(config, out, progress=not args.quiet, overwrite=args.overwrite, resume=args.resume)
+    except TrainingInterrupted as e:  # say exactly which command continues the run
+        raise TrainingInterrupted(f"{e}: {_resume_command(args, out)}", e.signum) from None
     last = run.history[-1]
     val = "" if last["val_elbo"] is None else f", validation ELBO {last['val_elbo']:.2f} nats/image"
     print(f"trained {config.epochs} epochs in {time.perf_counter() - start:.0f}s{val}")
@@ -97,8 +117,15 @@ def _train(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit code 2), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pyro-vae", description="The variational autoencoder as a Pyro probabilistic program."
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -108,14 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = [_add_train]
+COMMANDS = [_add_train, _add_evaluate, _add_compare_guides, _add_grad_variance]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
+    except TrainingInterrupted as e:  # not an error: a clean stop with a way to continue
+        if args.debug:
+            raise
+        print(f"pyro-vae: {e}", file=sys.stderr)
+        return e.exit_code
     except PyroVAEError as e:
         if args.debug:
             raise
@@ -126,4 +160,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print("pyro-vae: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the disk filled up, a file vanished, ...: the system's own words
+        if args.debug:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"pyro-vae: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
 

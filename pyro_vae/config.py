@@ -10,7 +10,10 @@ from typing import Optional, Tuple
 
 from .errors import ConfigError
 
-__all__ = ["VAEConfig", "DATASETS", "LIKELIHOODS", "BINARIZATIONS", "ELBOS", "GUIDES", "DEVICES", "NONFINITE"]
+__all__ = [
+    "VAEConfig", "DATASETS", "LIKELIHOODS", "BINARIZATIONS", "ELBOS", "GUIDES", "DEVICES", "NONFINITE",
+    "ESTIMATORS", "BASELINES",
+]
 
 DATASETS = ("mnist-5k", "mnist", "fashion-mnist")
 LIKELIHOODS = ("bernoulli", "normal")
@@ -19,6 +22,8 @@ ELBOS = ("trace", "meanfield", "jit")
 GUIDES = ("amortized", "mean-field", "semi-amortized")
 DEVICES = ("auto", "cpu", "cuda")
 NONFINITE = ("stop", "skip")
+ESTIMATORS = ("reparam", "score")
+BASELINES = ("none", "decaying-avg", "neural")
 
 
 @dataclass
@@ -43,6 +48,8 @@ class VAEConfig:
     # --- inference ---
     elbo: str = "trace"  # trace: Trace_ELBO | meanfield: TraceMeanField_ELBO (analytic KL) | jit
     num_particles: int = 1  # samples of z per datapoint in each ELBO estimate
+    estimator: str = "reparam"  # reparam: z = mu + sigma*eps, pathwise gradient | score: REINFORCE / BBVI
+    baseline: str = "none"  # score only: none | decaying-avg | neural (variance reduction)
     kl_warmup: int = 0  # epochs of linear KL warm-up: beta goes 1/E, 2/E, ..., 1 (0 = off)
     beta: float = 1.0  # weight of the KL term after warm-up (1 = the ELBO)
     lr: float = 1e-3  # Adam learning rate
@@ -67,6 +74,8 @@ class VAEConfig:
             "elbo": ELBOS,
             "device": DEVICES,
             "on_nonfinite": NONFINITE,
+            "estimator": ESTIMATORS,
+            "baseline": BASELINES,
         }
         for name, allowed in choices.items():
             if name == "dataset" and self.data_dir is not None:
@@ -87,6 +96,13 @@ class VAEConfig:
         for name in ("lr", "beta", "min_scale"):  # NaN and inf fail too
             if not (0 < getattr(self, name) < math.inf):
                 raise ConfigError(f"{name} must be positive and finite; got {getattr(self, name)}")
+        if self.baseline != "none" and self.estimator != "score":
+            raise ConfigError("a baseline reduces the variance of the score-function estimator only; use estimator=score")
+        if self.estimator == "score" and self.elbo == "meanfield":
+            # its analytic KL is fine, but its reconstruction term would get no score-function gradient
+            raise ConfigError("estimator=score needs elbo=trace: TraceMeanField_ELBO assumes reparameterized sites")
+        if self.baseline != "none" and self.elbo == "jit":
+            raise ConfigError("baselines need elbo=trace (TraceGraph_ELBO); the jit ELBO ignores them")
         if self.kl_warmup < 0:
             raise ConfigError(f"kl_warmup must be >= 0; got {self.kl_warmup}")
         if self.val_size < 0:

@@ -112,7 +112,11 @@ def read_idx(path) -> np.ndarray:
             f"{path}: IDX header promises {shape} values ({expected} bytes) "
             f"but the file holds {held} bytes (truncated or corrupt)"
         )
-    return np.frombuffer(body, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
+    try:
+        array = np.frombuffer(body, dtype=dtype).reshape(dims)
+    except ValueError:  # numpy cannot shape even 0 values so (say 0x2**32x2**32x2**32)
+        raise IDXError(f"{path}: IDX dimensions {shape} are too large for an array") from None
+    return array.astype(dtype.newbyteorder("="))
 
 
 def _read_upto(f, n: int) -> bytes:

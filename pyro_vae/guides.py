@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import VAEConfig
+from .estimators import baseline_options, non_reparameterized, set_estimator
 from .model import data_plate
 from .networks import Encoder
 
@@ -31,6 +32,8 @@ class Guide(nn.Module):
 
     z_dim: int
     amortized = True  # posterior(x) works for any image, seen in training or not
+    estimator = "reparam"  # reparam | score: how the ELBO's gradient treats z (pyro_vae.estimators)
+    baseline = "none"  # score only: none | decaying-avg | neural
 
     def posterior(self, x: torch.Tensor, idx: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(loc, scale)``, each ``[B, z_dim]``, of q(z) for the images ``x`` (rows ``idx``)."""
@@ -45,9 +48,13 @@ class Guide(nn.Module):
     def forward(self, x, idx=None, num_data=None, beta=1.0):
         self.register()
         loc, scale = self.posterior(x, idx)  # [B, z_dim] each
+        q, infer = self.distribution(loc, scale), {}
+        if self.estimator == "score" and torch.is_grad_enabled():  # no gradient, no estimator to choose
+            # z is drawn without a pathwise gradient: the ELBO uses the score function (BBVI)
+            q, infer = non_reparameterized(q), baseline_options(self, x, num_data)
         with data_plate(x, idx, num_data):
             with poutine.scale(scale=beta):
-                return pyro.sample("z", self.distribution(loc, scale))
+                return pyro.sample("z", q, infer=infer)
 
 
 class AmortizedGuide(Guide):
@@ -176,7 +183,13 @@ def _softplus_inverse(y):
 
 
 def make_guide(config: VAEConfig, x_dim: int, num_data: Optional[int] = None) -> Guide:
-    """The guide that ``config.guide`` names (``num_data``: images, for the mean-field guide)."""
+    """The guide that ``config.guide`` names (``num_data``: images, for the mean-field guide),
+    set up for ``config.estimator`` and ``config.baseline``."""
+    guide = _guide_family(config, x_dim, num_data)
+    return set_estimator(guide, config.estimator, config.baseline, x_dim)
+
+
+def _guide_family(config: VAEConfig, x_dim: int, num_data: Optional[int]) -> Guide:
     if config.guide == "amortized":
         return AmortizedGuide(x_dim, config.hidden, config.z_dim)
     if config.guide == "semi-amortized":

@@ -96,12 +96,13 @@ def save_figures(run, data) -> None:
     """Write ``elbo.png``, ``reconstructions.png``, ``samples.png``, ``latent.png`` (and
     ``manifold.png`` when z_dim = 2) into the run folder, using ``data`` for images."""
     out = Path(run.path)
-    x = data.images[:2000]
+    n = 2000 if run.vae.inference.amortized else 500  # guides without an encoder fit each image
+    x = data.images[:n]
     figures = {
         "elbo.png": plot_elbo(run.history),
         "reconstructions.png": plot_reconstructions(run, x),
         "samples.png": plot_samples(run),
-        "latent.png": plot_latent(run, x, None if data.labels is None else data.labels[:2000]),
+        "latent.png": plot_latent(run, x, None if data.labels is None else data.labels[:n]),
     }
     if run.config.z_dim == 2:
         figures["manifold.png"] = plot_manifold(run)

@@ -9,7 +9,10 @@ updates every parameter (decoder and guide) at once, as in Pyro's PyTorch-native
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
+from pathlib import Path
 from typing import Callable, Optional
 
 import pyro
@@ -19,11 +22,31 @@ from tqdm import tqdm
 
 from .config import VAEConfig
 from .datasets import ImageData, load_dataset
-from .errors import ConfigError
-from .model import VAE
-from .run import Run, prepare_run_dir, save_checkpoint, write_json
+from .errors import CheckpointError, ConfigError, DataError, TrainingError, TrainingInterrupted
+from .estimators import baseline_elbo
+from .interrupts import StopSignals, signal_name
+from .model import VAE, X_DIM
+from .run import (
+    Run,
+    check_resumable,
+    clear_run_files,
+    load_checkpoint,
+    prepare_run_dir,
+    save_checkpoint,
+    set_rng_state,
+    write_json,
+)
 
-__all__ = ["fit", "make_elbo", "make_optimizer", "resolve_device", "load_splits", "elbo_per_image", "eval_binarized"]
+__all__ = [
+    "fit",
+    "make_elbo",
+    "make_optimizer",
+    "resolve_device",
+    "load_splits",
+    "elbo_per_image",
+    "eval_binarized",
+    "check_images",
+]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -35,7 +58,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_elbo(config: VAEConfig):
-    """The ELBO estimator that ``config.elbo`` names; several particles are vectorised."""
+    """The ELBO estimator that ``config.elbo`` names; several particles are vectorised.
+    Score-function baselines need ``TraceGraph_ELBO`` (``Trace_ELBO`` ignores them)."""
+    if config.estimator == "score" and config.baseline != "none":
+        return baseline_elbo(config.num_particles)
     cls = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "jit": JitTrace_ELBO}[config.elbo]
     vectorize = config.num_particles > 1
     return cls(num_particles=config.num_particles, vectorize_particles=vectorize, max_plate_nesting=1)
@@ -119,6 +145,7 @@ def fit(
     val_data: Optional[ImageData] = None,
     progress: bool = True,
     overwrite: bool = False,
+    resume: bool = False,
     log: Callable[[str], None] = tqdm.write,
 ) -> Run:
     """Train a VAE by SVI; return the :class:`~pyro_vae.run.Run` (and write it to ``out`` if given).
@@ -126,14 +153,35 @@ def fit(
     :param config: every setting of the run.
     :param out: run folder to write (``config.json``, ``history.json``, ``checkpoint.pt``, figures).
     :param train_data, val_data: data to use instead of loading what ``config`` names.
+    :param overwrite: replace a run already in ``out``.
+    :param resume: continue the run in ``out`` from its checkpoint: the same parameters, optimizer
+        state, random streams and position in the epoch, so on CPU the result equals an
+        uninterrupted run. ``config`` must match the checkpoint's but for
+        :data:`~pyro_vae.run.RESUME_MAY_CHANGE` (``epochs`` may grow).
+    :raises TrainingError: a non-finite loss (``on_nonfinite="stop"``) or non-finite parameters;
+        ``checkpoint.pt`` keeps the last good state.
+    :raises TrainingInterrupted: SIGINT or SIGTERM; the current step was finished and a
+        checkpoint to resume from was written.
     """
     config.check()
     device = resolve_device(config.device)
-    out = prepare_run_dir(out, overwrite) if out is not None else None
+    saved = None
+    if out is not None:
+        out = prepare_run_dir(out, overwrite, resume)
+        if resume:
+            saved = load_checkpoint(out / "checkpoint.pt")
+            check_resumable(saved, config, out / "checkpoint.pt")
+    elif resume:
+        raise ConfigError("resume needs the run folder to continue (out=...)")
     if train_data is None:
         train_data, val_data = load_splits(config)
+    for data in (train_data, val_data):
+        if data is not None:
+            check_images(data, config)
     if config.batch_size > len(train_data):
         raise ConfigError(f"batch_size={config.batch_size} exceeds the {len(train_data)} training images")
+    if overwrite:
+        clear_run_files(out)
 
     pyro.set_rng_seed(config.seed)
     pyro.clear_param_store()
@@ -143,50 +191,205 @@ def fit(
     amortized = config.guide != "mean-field"
     x_val = eval_binarized(val_data).to(device) if val_data is not None and amortized else None
     num_data = len(images)
+    fingerprint = {"num_data": num_data, "sum": float(train_data.images.double().sum())}
 
     vae = VAE(config, num_data=num_data).to(device)
     run = Run(config, vae, [], out)
-    if out is not None:
-        write_json(out / "config.json", config.to_dict())
     loss_fn = make_elbo(config).differentiable_loss
     optimizer = make_optimizer(vae, config)
+    params = list(vae.parameters())
+    position = None  # where an interrupted epoch stopped (resume only)
+    if saved is not None:
+        position = _restore(saved, vae, optimizer, run, fingerprint, out / "checkpoint.pt")
+    if out is not None:
+        write_json(out / "config.json", config.to_dict())
     if train_data.binarize == "none":
         log("note: --binarize none scores grey values with a Bernoulli: ELBOs are not log-likelihoods")
+    if saved is not None:
+        step = f", step {position['step'] + 1}" if position else ""
+        log(f"resuming {out} at epoch {len(run.history) + 1}/{config.epochs}{step}" if len(run.history) < config.epochs
+            else f"{out} already has {config.epochs} epochs: nothing to train (pass a larger --epochs to continue)")
 
-    for epoch in range(config.epochs):
-        start = time.perf_counter()
-        beta = config.beta_at(epoch)
-        order = torch.randperm(num_data, device=device)
-        batches = order.split(config.batch_size)
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not progress)
-        loss_sum = torch.zeros((), device=device)  # sum over images of -ELBO_i (no per-step sync)
-        for step, idx in enumerate(bar):
-            x = images[idx]
-            if train_data.binarize == "dynamic":
-                x = torch.bernoulli(x)
-            loss = loss_fn(vae.model, vae.guide, x, idx, num_data, beta)  # estimates -ELBO(all N)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * (len(idx) / num_data)
-            if progress and step % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item() / num_data:.2f}")
-        bar.close()
-        train_elbo = -loss_sum.item() / num_data
-        val_elbo = elbo_per_image(vae, x_val) if x_val is not None else None
-        seconds = time.perf_counter() - start
-        record = {"epoch": epoch + 1, "beta": beta, "train_elbo": train_elbo, "val_elbo": val_elbo, "seconds": seconds}
-        run.history.append(record)
-        log(_epoch_line(record, config.epochs))
+    def save(progress_state=None):
         if out is not None:
-            save_checkpoint(out / "checkpoint.pt", vae, optimizer, config, run.history)
+            save_checkpoint(out / "checkpoint.pt", vae, optimizer, config, run.history, progress_state, fingerprint)
             write_json(out / "history.json", run.history)
+
+    def interrupted(signum, epoch, step=None, steps=None) -> TrainingInterrupted:
+        at = f"epoch {epoch + 1}/{config.epochs}" + ("" if step is None else f" after step {step}/{steps}")
+        saved_to = f"saved {out / 'checkpoint.pt'}; continue with --resume" if out is not None else "nothing saved"
+        return TrainingInterrupted(f"interrupted by {signal_name(signum)} in {at}; {saved_to}", signum)
+
+    with StopSignals(log) as stop, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Encountered NaN")  # Pyro's; the loop reports NaN itself
+        for epoch in range(len(run.history), config.epochs):
+            beta = config.beta_at(epoch)
+            if position is not None:  # continue the interrupted epoch where it stopped
+                order, first = position["order"].to(device), position["step"]
+                loss_sum, skipped = position["loss_sum"].to(device), list(position["skipped"])
+                elapsed, position = position["seconds"], None
+            else:
+                if stop.signum is not None:  # stopped between epochs: checkpoint this boundary
+                    _check_params(params, f"before epoch {epoch + 1}", out, run)
+                    save()
+                    raise interrupted(stop.signum, epoch)
+                order = torch.randperm(num_data, device=device)
+                first, elapsed, skipped = 0, 0.0, []
+                loss_sum = torch.zeros((), device=device)  # sum over images of -ELBO_i (no per-step sync)
+            start = time.perf_counter()
+            batches = order.split(config.batch_size)
+            bar = tqdm(
+                range(first, len(batches)),
+                desc=f"epoch {epoch + 1}/{config.epochs}",
+                leave=False,
+                disable=not progress,
+                initial=first,
+                total=len(batches),
+            )
+            for step in bar:
+                if stop.signum is not None:  # finish no more steps: save the exact position
+                    _check_params(params, f"in epoch {epoch + 1}", out, run)
+                    elapsed += time.perf_counter() - start
+                    state = {"epoch": epoch, "step": step, "order": order.cpu(), "loss_sum": loss_sum.cpu(),
+                             "skipped": skipped, "seconds": elapsed}
+                    save(state)
+                    raise interrupted(stop.signum, epoch, step, len(batches))
+                idx = batches[step]
+                x = images[idx]
+                if train_data.binarize == "dynamic":
+                    x = torch.bernoulli(x)
+                try:
+                    loss = loss_fn(vae.model, vae.guide, x, idx, num_data, beta)  # estimates -ELBO(all N)
+                except ValueError:  # Pyro's argument validation rejects NaN parameters
+                    _check_params(params, f"before epoch {epoch + 1}, step {step + 1}", out, run)
+                    raise
+                finite = bool(torch.isfinite(loss))  # the loop's one sync per step
+                if finite:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    finite = config.on_nonfinite == "stop" or _grads_finite(params)
+                if not finite:
+                    what = f"non-finite loss ({loss.item()})" if not torch.isfinite(loss) else "non-finite gradients"
+                    where = f"epoch {epoch + 1}/{config.epochs}, step {step + 1}/{len(batches)}"
+                    if config.on_nonfinite == "stop":
+                        raise TrainingError(f"{what} in {where}; training stopped. {_kept(out, run)}{_ADVICE}")
+                    log(f"{what} in {where}: step skipped")
+                    skipped.append(step)
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
+                optimizer.step()
+                loss_sum += loss.detach() * (len(idx) / num_data)
+                if progress and step % 10 == 0:
+                    bar.set_postfix(loss=f"{loss.item() / num_data:.2f}")
+            bar.close()
+            _check_params(params, f"in epoch {epoch + 1}", out, run)
+            used = 1.0 - sum(len(batches[s]) for s in skipped) / num_data  # fraction of images scored
+            if used <= 0:
+                raise TrainingError(f"every step of epoch {epoch + 1} was skipped (non-finite). {_kept(out, run)}{_ADVICE}")
+            train_elbo = -loss_sum.item() / num_data / (used if skipped else 1.0)
+            val_elbo = elbo_per_image(vae, x_val) if x_val is not None else None
+            if not all(math.isfinite(v) for v in (train_elbo, val_elbo) if v is not None):
+                raise TrainingError(
+                    f"non-finite ELBO in epoch {epoch + 1} (train {train_elbo}, validation {val_elbo}); "
+                    f"training stopped. {_kept(out, run)}{_ADVICE}"
+                )
+            seconds = elapsed + time.perf_counter() - start
+            record = {"epoch": epoch + 1, "beta": beta, "train_elbo": train_elbo, "val_elbo": val_elbo, "seconds": seconds}
+            if skipped:
+                record["skipped_steps"] = len(skipped)
+            run.history.append(record)
+            save()
+            log(_epoch_line(record, config.epochs))
+        if stop.signum is not None:  # the signal came during the last epoch's bookkeeping
+            raise TrainingInterrupted(
+                f"interrupted by {signal_name(stop.signum)} after the last epoch; the training is complete and "
+                f"saved{'' if out is None else f' in {out}'}, the figures were not drawn (--resume draws them)",
+                stop.signum,
+            )
 
     if out is not None:
         from .plots import save_figures
 
         save_figures(run, val_data if val_data is not None else train_data)
     return run
+
+
+_ADVICE = " Lower --lr, or pass --on-nonfinite skip to skip such steps."
+
+
+def _kept(out, run: Run) -> str:
+    """What the run folder still holds after a failure (nothing non-finite is ever saved)."""
+    if out is None:
+        return "Nothing was saved (no run folder)."
+    if (Path(out) / "checkpoint.pt").exists():
+        return f"{Path(out) / 'checkpoint.pt'} keeps the last good state ({len(run.history)} epochs)."
+    return "No checkpoint was written yet (start again with --overwrite)."
+
+
+def _check_params(params, where: str, out, run: Run) -> None:
+    """:class:`TrainingError` if any parameter is NaN or infinite (checked before every save)."""
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise TrainingError(f"parameters became non-finite {where}; training stopped. {_kept(out, run)}{_ADVICE}")
+
+
+def _grads_finite(params) -> bool:
+    """Whether every gradient is finite (one reduction; used only with ``on_nonfinite="skip"``)."""
+    norms = [(p.grad._values() if p.grad.is_sparse else p.grad).norm() for p in params if p.grad is not None]
+    return bool(torch.isfinite(torch.stack(norms).sum())) if norms else True
+
+
+def check_images(data: ImageData, config: VAEConfig) -> None:
+    """:class:`DataError` unless ``data`` is ``[N, 784]``, finite and, where pixels are read as
+    probabilities of ink (Bernoulli likelihood or any binarization), within ``[0, 1]``.
+
+    Out-of-range values are rejected, not clipped: they mean the data was scaled wrongly.
+    """
+    x = data.images
+    if x.ndim != 2 or x.shape[1] != X_DIM:
+        raise DataError(f"{data.describe()}: images must be flattened 28x28, [N, {X_DIM}]; got {list(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise DataError(f"{data.describe()}: images contain NaN or infinite values")
+    if config.likelihood == "bernoulli" or data.binarize != "none":
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 1:
+            raise DataError(
+                f"{data.describe()}: pixel values must lie in [0, 1] (probabilities of ink); found [{lo:g}, {hi:g}]"
+            )
+
+
+def _restore(saved: dict, vae: VAE, optimizer, run: Run, fingerprint: dict, path) -> Optional[dict]:
+    """Load a checkpoint's state into a freshly built run for ``resume``; return the position in
+    an interrupted epoch (or ``None``). :class:`CheckpointError` for anything inconsistent."""
+    if saved.get("data") not in (None, fingerprint):
+        raise ConfigError(f"--resume: the training images differ from the ones {path} was trained on")
+    try:
+        vae.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        history = list(saved["history"])
+        if [h.get("epoch") for h in history] != list(range(1, len(history) + 1)):
+            raise ValueError("history epochs are not 1, 2, ...")
+        position = saved.get("progress")
+        if position is not None:
+            order, num_data = position["order"], fingerprint["num_data"]
+            steps = -(-num_data // run.config.batch_size)
+            if position["epoch"] != len(history) or not 0 <= position["step"] <= steps:
+                raise ValueError("the position in the epoch is out of range")
+            if not torch.equal(order.sort().values, torch.arange(num_data)):
+                raise ValueError("the epoch's order is not a permutation of the training images")
+            if any(not 0 <= s < steps for s in position["skipped"]):
+                raise ValueError("skipped steps out of range")
+            position = dict(position, seconds=float(position["seconds"]), loss_sum=position["loss_sum"].reshape(()))
+        extra = saved.get("param_store") or {}
+        if not all(isinstance(v, torch.Tensor) for v in extra.values()):
+            raise ValueError("param_store entries must be tensors")
+        device = next(vae.parameters()).device
+        for name, value in extra.items():
+            pyro.get_param_store()[name] = value.to(device)
+        set_rng_state(saved["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{path}: cannot resume from this checkpoint ({str(e).splitlines()[0]})") from None
+    run.history[:] = history
+    return position
 
 
 def _epoch_line(r: dict, epochs: int) -> str:

@@ -1,0 +1,281 @@
+r"""Mean-field vs amortized vs semi-amortized inference, and the gaps each leaves
+(``pyro-vae compare-guides``).
+
+For each trained decoder :math:`\theta` and held-out images, Cremer, Li & Duvenaud (2018) split
+the distance between the true log-likelihood and the guide's ELBO into two gaps:
+
+.. math::
+
+    \log p_\theta(x) - \mathrm{ELBO}[q]
+    = \underbrace{\log p_\theta(x) - \mathrm{ELBO}[q^\star]}_{\text{approximation gap}}
+    + \underbrace{\mathrm{ELBO}[q^\star] - \mathrm{ELBO}[q]}_{\text{amortization gap}}
+
+where :math:`q^\star` is the best Gaussian for each image (:func:`~pyro_vae.local.fit_local` run to
+convergence) and :math:`\log p_\theta(x)` is estimated by the IWAE bound with many samples drawn
+from :math:`q^\star`. The approximation gap is the price of the Gaussian family; the amortization
+gap is the price of predicting :math:`\lambda_i` with one network instead of optimising it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .config import GUIDES, VAEConfig
+from .errors import ConfigError
+from .local import LocalFit, fit_local
+from .run import Run, load_run, write_json
+from .train import eval_binarized, fit, load_splits
+
+__all__ = ["GuideReport", "compare_guides", "QUICK", "add_parser"]
+
+# --quick: sizes for tests and notebooks (about a minute on 2 cores)
+QUICK = dict(epochs=5, train_limit=1000, limit=100, iwae_k=100, local_steps=200)
+
+
+@dataclass
+class GuideReport:
+    """One row of the comparison (all values in nats per image, on the held-out images)."""
+
+    guide: str
+    train_seconds: Optional[float]  # None when an existing run folder was given
+    elbo: float  # ELBO[q]: the guide's own posterior
+    elbo_se: float
+    elbo_star: float  # ELBO[q*]: best Gaussian per image
+    elbo_star_se: float
+    iwae: float  # log p^(x): IWAE bound, k samples from q*
+    iwae_se: float
+    approximation_gap: float  # iwae - elbo_star
+    approximation_gap_se: float
+    amortization_gap: float  # elbo_star - elbo
+    amortization_gap_se: float
+    n: int
+    iwae_k: int
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _posterior_from(fit: LocalFit):
+    return lambda x, idx: (fit.loc[idx], fit.scale[idx])
+
+
+def _paired(a: torch.Tensor, b: torch.Tensor):
+    """Mean and standard error of the per-image difference ``a - b``."""
+    d = (a - b).double()
+    return d.mean().item(), (d.std(unbiased=True) / math.sqrt(len(d))).item() if len(d) > 1 else float("nan")
+
+
+def gap_report(run: Run, x: torch.Tensor, *, iwae_k: int, local_steps: int, star_steps: int, seed: int = 0,
+               train_seconds: Optional[float] = None, progress: bool = False):
+    """Evaluate one trained run on held-out images ``x``; return ``(GuideReport, curves)``."""
+    from .evaluate import evaluate
+
+    vae = run.vae
+    amortized = vae.inference.amortized
+    if amortized:  # the guide's own q: its encoder (semi-amortized: refined) output
+        own = evaluate(run, x, iwae_k=1, elbo_samples=20, seed=seed, progress=progress)
+    else:  # mean-field on new images: its own recipe, a local fit of `local_steps` from the prior
+        q_own = fit_local(run, x, steps=local_steps, init="zero", lr=5e-2, seed=seed)
+        own = evaluate(run, x, iwae_k=1, elbo_samples=20, seed=seed, posterior=_posterior_from(q_own))
+    star = fit_local(run, x, steps=star_steps, init="encoder" if amortized else "zero",
+                     lr=1e-2 if amortized else 5e-2, seed=seed)
+    best = evaluate(run, x, iwae_k=iwae_k, elbo_samples=20, seed=seed, posterior=_posterior_from(star),
+                    progress=progress)
+    approx, approx_se = _paired(best.per_image["iwae"], best.per_image["elbo"])
+    amort, amort_se = _paired(best.per_image["elbo"], own.per_image["elbo"])
+    report = GuideReport(
+        guide=run.config.guide, train_seconds=train_seconds,
+        elbo=own.elbo, elbo_se=own.elbo_se, elbo_star=best.elbo, elbo_star_se=best.elbo_se,
+        iwae=best.iwae, iwae_se=best.iwae_se,
+        approximation_gap=approx, approximation_gap_se=approx_se,
+        amortization_gap=amort, amortization_gap_se=amort_se, n=len(x), iwae_k=iwae_k,
+    )
+    return report, star
+
+
+def local_fit_curves(run: Run, x: torch.Tensor, steps: int, seed: int = 0) -> Dict[str, LocalFit]:
+    """Held-out ELBO vs local optimisation step, from the prior and (if any) from the encoder."""
+    curves = {"zero init": fit_local(run, x, steps=steps, init="zero", lr=5e-2, seed=seed)}
+    if run.vae.inference.amortized:
+        curves["encoder init"] = fit_local(run, x, steps=steps, init="encoder", lr=1e-2, seed=seed)
+    return curves
+
+
+def plot_local_fit(curves: Dict[str, LocalFit], amortized_elbo: Optional[float], title: str):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, c in curves.items():
+        ax.plot(c.steps, c.elbo, label=f"local fit, {name}")
+    if amortized_elbo is not None:
+        ax.axhline(amortized_elbo, color="k", ls="--", lw=1, label="amortized encoder")
+    ax.set_xlabel("local optimisation step (Adam)")
+    ax.set_ylabel("held-out ELBO (nats / image)")
+    lows = [min(c.elbo[len(c.elbo) // 10:]) for c in curves.values()]  # skip the first, steep steps
+    ax.set_ylim(bottom=min(lows + ([amortized_elbo] if amortized_elbo is not None else [])) - 5)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def compare_guides(
+    config: VAEConfig,
+    guides: Sequence[str] = GUIDES,
+    *,
+    runs: Optional[Sequence] = None,
+    limit: int = 500,
+    iwae_k: int = 1000,
+    local_steps: int = 300,
+    star_steps: int = 1000,
+    out=None,
+    progress: bool = False,
+    log=print,
+) -> dict:
+    """Train one VAE per guide on the same data, split and seed (or load ``runs``), then report
+    ELBO[q], ELBO[q*], IWAE and the two gaps on ``limit`` validation images.
+
+    Writes ``comparison.md``, ``comparison.json`` and ``local_fit.png`` into ``out`` if given.
+    """
+    bad = [g for g in guides if g not in GUIDES]
+    if bad:
+        raise ConfigError(f"unknown guide(s) {', '.join(bad)}; choose from {', '.join(GUIDES)}")
+    out = Path(out) if out is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    trained: List[tuple] = []
+    if runs:
+        trained = [(load_run(r), None) for r in runs]
+    else:
+        for guide in guides:
+            start = time.perf_counter()
+            run = fit(config.replace(guide=guide), out / guide if out is not None else None,
+                      progress=progress, overwrite=True, log=lambda s: None)
+            trained.append((run, time.perf_counter() - start))
+            log(f"trained {guide} in {trained[-1][1]:.0f}s")
+    _, val = load_splits(trained[0][0].config)
+    if val is None:
+        raise ConfigError("compare-guides needs held-out images: use a val_size > 0")
+    x = eval_binarized(val)[:limit]
+    reports = []
+    for run, seconds in trained:
+        report, _ = gap_report(run, x, iwae_k=iwae_k, local_steps=local_steps, star_steps=star_steps,
+                               train_seconds=seconds, progress=progress)
+        reports.append(report)
+        log(f"evaluated {report.guide}: ELBO {report.elbo:.2f}, IWAE {report.iwae:.2f}")
+    reference = next((r for r, _ in trained if r.vae.inference.amortized), trained[0][0])
+    curves = local_fit_curves(reference, x, steps=star_steps)
+    own = next((rep.elbo for rep in reports if rep.guide == reference.config.guide), None)
+    result = {
+        "dataset": val.name,
+        "split": val.split,
+        "binarize": val.binarize,
+        "n": len(x),
+        "iwae_k": iwae_k,
+        "local_steps": local_steps,
+        "star_steps": star_steps,
+        "epochs": trained[0][0].config.epochs,
+        "guides": [r.to_dict() for r in reports],
+        "local_fit": {name: {"steps": c.steps, "elbo": c.elbo} for name, c in curves.items()},
+        "local_fit_decoder": reference.config.guide,
+    }
+    if out is not None:
+        write_json(out / "comparison.json", result)
+        (out / "comparison.md").write_text(to_markdown(result))
+        fig = plot_local_fit(curves, own if reference.vae.inference.amortized else None,
+                             f"held-out local fit, {reference.config.guide} decoder")
+        fig.savefig(out / "local_fit.png", dpi=80)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return result
+
+
+def to_markdown(result: dict) -> str:
+    lines = [
+        f"Guide comparison on {result['dataset']} {result['split']} ({result['n']} images, "
+        f"binarize={result['binarize']}), nats per image ± standard error over images. "
+        f"log p(x) is the IWAE bound with k = {result['iwae_k']} samples from q*; q* is a local fit of "
+        f"{result['star_steps']} Adam steps; {result['epochs']} training epochs per guide.",
+        "",
+        "| guide | train s | ELBO[q] | ELBO[q*] | log p(x) (IWAE) | approximation gap | amortization gap |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["guides"]:
+        secs = "—" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}"
+        lines.append(
+            f"| {r['guide']} | {secs} | {r['elbo']:.2f} ± {r['elbo_se']:.2f} | {r['elbo_star']:.2f} ± {r['elbo_star_se']:.2f} "
+            f"| {r['iwae']:.2f} ± {r['iwae_se']:.2f} | {r['approximation_gap']:.2f} ± {r['approximation_gap_se']:.2f} "
+            f"| {r['amortization_gap']:.2f} ± {r['amortization_gap_se']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_parser(sub) -> None:
+    from .cli import add_data_flags
+
+    p = sub.add_parser("compare-guides", help="train one VAE per guide and measure the inference gaps")
+    add_data_flags(p)
+    p.add_argument("--epochs", type=int, help="training epochs per guide (default 100; --quick 5)")
+    p.add_argument("--guides", default=",".join(GUIDES), help="comma-separated, default: all three")
+    p.add_argument("--runs", nargs="+", metavar="RUN_DIR", help="compare existing run folders instead of training")
+    p.add_argument("--refine-steps", type=int, help="semi-amortized refinement steps (default 5)")
+    p.add_argument("--local-steps", type=int, help="mean-field's own local fit on new images (default 300)")
+    p.add_argument("--star-steps", type=int, help="local fit steps for q* (default 1000)")
+    p.add_argument("--iwae-k", type=int, help="IWAE samples for log p(x) (default 1000)")
+    p.add_argument("--eval-limit", type=int, dest="eval_limit", help="held-out images evaluated (default 500)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny sizes for tests and notebooks")
+    p.add_argument("--out", default="runs/compare-guides", help="output folder (default runs/compare-guides)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    quick = QUICK if args.quick else {}
+    pick = lambda value, key, default: value if value is not None else quick.get(key, default)  # noqa: E731
+    settings = dict(
+        epochs=pick(args.epochs, "epochs", 100),
+        seed=args.seed,
+        limit=pick(args.limit, "train_limit", None),
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        binarize=args.binarize,
+    )
+    if args.refine_steps is not None:
+        settings["refine_steps"] = args.refine_steps
+    config = VAEConfig(**settings)
+    for name in ("epochs", "local_steps", "star_steps", "iwae_k", "eval_limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer; got {value}")
+    guides = [g.strip() for g in args.guides.split(",") if g.strip()]
+    log = (lambda s: None) if args.json else print
+    result = compare_guides(
+        config,
+        guides,
+        runs=args.runs,
+        limit=pick(args.eval_limit, "limit", 500),
+        iwae_k=pick(args.iwae_k, "iwae_k", 1000),
+        local_steps=pick(args.local_steps, "local_steps", 300),
+        star_steps=pick(args.star_steps, "local_steps", 1000),
+        out=args.out,
+        log=log,
+    )
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(to_markdown(result))
+        print(f"written: {Path(args.out) / 'comparison.md'}, comparison.json, local_fit.png")
+    return 0

@@ -1,0 +1,518 @@
+r"""Held-out evaluation of a trained VAE: the ELBO, the importance-weighted bound, active units.
+
+Behind ``pyro-vae evaluate``. For an image :math:`x` and any Gaussian
+:math:`q(z) = \mathcal{N}(\mu, \mathrm{diag}\,\sigma^2)` (the guide's, or a per-image fit), the
+importance weights :math:`w_i = p_\theta(x, z_i) / q(z_i)`, :math:`z_i \sim q`, give the
+importance-weighted bound of Burda, Grosse & Salakhutdinov (2016)
+
+.. math::
+
+    \log p_\theta(x) \;\ge\; \mathcal{L}_k(x)
+    = \mathbb{E}_{z_{1:k} \sim q}\Big[\log \frac{1}{k} \sum_{i=1}^k w_i\Big]
+    \;\ge\; \mathcal{L}_1(x) = \mathrm{ELBO}(x),
+
+non-decreasing in :math:`k` and tending to :math:`\log p_\theta(x)` as :math:`k \to \infty`
+(the usual estimate of a VAE's test log-likelihood uses :math:`k = 5000`). The ELBO is reported
+with its two terms, :math:`\mathrm{ELBO}(x) = \mathbb{E}_q[\log p_\theta(x \mid z)]
+- \mathrm{KL}(q \,\|\, p(z))`, the KL in closed form.
+
+Everything is a forward pass under ``torch.no_grad``: the :math:`k` samples of every image in a
+batch go through the decoder together, in chunks of ``chunk_k`` samples, and the
+:math:`\log \sum_i w_i` is accumulated chunk by chunk with ``logaddexp`` (memory is bounded by the
+chunk, not by :math:`k`). Each image's standard-normal draws come from its own generator, seeded by
+``(seed, row)``: the numbers do not depend on ``batch_size``, ``chunk_k`` or ``--limit``.
+
+Pyro's :func:`pyro.infer.importance.vectorized_importance_weights` sums the log-weights over the
+``data`` plate (one weight per *batch*); the IWAE bound needs one per *image*, so the weights here
+are computed from the model's own distributions (:meth:`~pyro_vae.model.VAE.likelihood`,
+:meth:`~pyro_vae.model.VAE.prior`), which ``tests/test_evaluate.py`` checks against Pyro's traces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import pyro.distributions as dist
+import torch
+from torch.distributions import kl_divergence
+from tqdm import tqdm
+
+from .datasets import EMBEDDED_DIR, ImageData, load_dataset
+from .errors import ConfigError
+
+__all__ = [
+    "EvalResult",
+    "log_importance_weights",
+    "iwae_bound",
+    "elbo_terms",
+    "active_units",
+    "evaluate",
+    "default_split",
+    "load_eval_data",
+    "add_parser",
+]
+
+#: decoder rows (samples x images) per forward pass when ``chunk_k`` is not given: large enough
+#: for fast matrix products, small enough to bound memory (about 25 MB per [rows, 784] tensor)
+CHUNK_ROWS = 8192
+#: variance over images of E_q[z_d] above which latent dimension d counts as active (Burda et al.)
+ACTIVE_THRESHOLD = 0.01
+
+Posterior = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
+
+
+# ----------------------------------------------------------------------------- estimators
+
+
+def _standard_normal(k: int, loc: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """``[k, B, z_dim]`` standard-normal draws (on the generator's device, then moved to ``loc``'s)."""
+    device = generator.device if generator is not None else loc.device
+    eps = torch.randn((k,) + loc.shape, generator=generator, device=device, dtype=loc.dtype)
+    return eps.to(loc.device)
+
+
+def _chunk_size(chunk_k: Optional[int], batch: int) -> int:
+    return max(1, CHUNK_ROWS // max(batch, 1)) if chunk_k is None else int(chunk_k)
+
+
+def log_importance_weights(
+    vae,
+    x: torch.Tensor,
+    loc: torch.Tensor,
+    scale: torch.Tensor,
+    k: Optional[int] = None,
+    *,
+    generator: Optional[torch.Generator] = None,
+    eps: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    r"""Log importance weights of ``k`` samples per image, ``[k, B]``:
+
+    .. math::
+
+        \log w_i = \log p_\theta(x \mid z_i) + \log p(z_i) - \log q(z_i), \qquad
+        z_i = \mu + \sigma \odot \epsilon_i, \quad \epsilon_i \sim \mathcal{N}(0, I).
+
+    :param vae: anything with ``likelihood(z)`` (p(x|z), event shape ``[D]``, batched over the
+        leading dims of ``z``) and ``prior(B)`` (p(z), event shape ``[z_dim]``), e.g. a
+        :class:`~pyro_vae.model.VAE`.
+    :param x: images ``[B, D]``, as they are scored.
+    :param loc, scale: q's parameters, ``[B, z_dim]`` each.
+    :param k: samples per image (may be omitted when ``eps`` is given).
+    :param eps: the standard-normal draws ``[k, B, z_dim]``; by default drawn from ``generator``.
+    """
+    if eps is None:
+        eps = _standard_normal(k, loc, generator)
+    elif k is not None and eps.shape[0] != k:
+        raise ValueError(f"eps holds {eps.shape[0]} samples, k={k}")
+    q = dist.Normal(loc, scale).to_event(1)
+    z = loc + scale * eps  # [k, B, z_dim]
+    log_px_z = vae.likelihood(z).log_prob(x)  # [k, B]
+    log_pz = vae.prior(x.shape[0]).log_prob(z)  # [k, B]
+    return log_px_z + log_pz - q.log_prob(z)
+
+
+def iwae_bound(
+    vae,
+    x: torch.Tensor,
+    loc: torch.Tensor,
+    scale: torch.Tensor,
+    k: int,
+    chunk_k: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    *,
+    eps: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    r"""The importance-weighted bound of each image, ``[B]``, from ``k`` samples:
+
+    .. math::
+
+        \hat{\mathcal{L}}_k(x) = \log \frac{1}{k} \sum_{i=1}^k w_i
+        = \operatorname{logsumexp}_{i}(\log w_i) - \log k .
+
+    The logsumexp streams over chunks of ``chunk_k`` samples,
+    :math:`s \leftarrow \operatorname{logaddexp}(s, \operatorname{logsumexp}_{i \in \text{chunk}}
+    \log w_i)`, so memory is :math:`O(\text{chunk\_k} \cdot B \cdot D)` for any ``k`` (plus the
+    ``k * B * z_dim`` draws, made up front so that ``chunk_k`` changes only the summation order).
+
+    :param chunk_k: samples per decoder call; default: about ``CHUNK_ROWS / B``.
+    :param generator: source of the draws (default: torch's global generator).
+    :param eps: the draws ``[k, B, z_dim]`` themselves, instead of ``generator``.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1; got {k}")
+    if eps is None:
+        eps = _standard_normal(k, loc, generator)
+    total = loc.new_full(loc.shape[:-1], -math.inf)  # [B], log sum_i w_i so far
+    for eps_chunk in eps.split(_chunk_size(chunk_k, x.shape[0])):
+        log_w = log_importance_weights(vae, x, loc, scale, eps=eps_chunk)  # [c, B]
+        total = torch.logaddexp(total, log_w.logsumexp(0))
+    return total - math.log(k)
+
+
+def elbo_terms(
+    vae,
+    x: torch.Tensor,
+    loc: torch.Tensor,
+    scale: torch.Tensor,
+    num_samples: int,
+    *,
+    chunk_k: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    eps: Optional[torch.Tensor] = None,
+) -> Dict[str, torch.Tensor]:
+    r"""The ELBO of each image and its two terms, each ``[B]``, in nats:
+
+    .. math::
+
+        \underbrace{\mathrm{ELBO}(x)}_{\texttt{elbo}}
+        = \underbrace{\mathbb{E}_{q}\big[\log p_\theta(x \mid z)\big]}_{\texttt{reconstruction}}
+        - \underbrace{\mathrm{KL}\big(q \,\|\, \mathcal{N}(0, I)\big)}_{\texttt{kl}}
+
+    ``reconstruction`` is the expected log-likelihood (a log, so :math:`\le 0` for Bernoulli
+    pixels), estimated with ``num_samples`` draws of z; ``kl`` is exact
+    (:func:`torch.distributions.kl_divergence`), so ``elbo`` has the Monte-Carlo error of the
+    reconstruction term only.
+    """
+    if eps is None:
+        eps = _standard_normal(num_samples, loc, generator)
+    log_lik = loc.new_zeros(loc.shape[:-1])  # [B]
+    for eps_chunk in eps.split(_chunk_size(chunk_k, x.shape[0])):
+        z = loc + scale * eps_chunk  # [c, B, z_dim]
+        log_lik = log_lik + vae.likelihood(z).log_prob(x).sum(0)
+    reconstruction = log_lik / eps.shape[0]
+    kl = kl_divergence(dist.Normal(loc, scale).to_event(1), vae.prior(x.shape[0]))  # [B]
+    return {"elbo": reconstruction - kl, "reconstruction": reconstruction, "kl": kl}
+
+
+def active_units(posterior_means: torch.Tensor, threshold: float = ACTIVE_THRESHOLD) -> Tuple[int, torch.Tensor]:
+    r"""Active latent dimensions (Burda et al. 2016): ``(count, variances [z_dim])``, where
+
+    .. math::
+
+        A_d = \mathrm{Cov}_x\big(\mathbb{E}_{q(z \mid x)}[z_d]\big) > 0.01,
+
+    the variance over images of the posterior means ``[N, z_dim]`` (an inactive dimension's
+    posterior is the prior for every image: it carries no information about x).
+    """
+    if posterior_means.shape[0] < 2:
+        raise ValueError("active units need the posterior means of at least 2 images")
+    variances = posterior_means.double().var(0)  # [z_dim]
+    return int((variances > threshold).sum()), variances
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate` measures; nats per image, standard errors over images."""
+
+    elbo: float
+    elbo_se: Optional[float]
+    iwae: float
+    iwae_se: Optional[float]
+    iwae_k: int
+    kl: float
+    kl_se: Optional[float]
+    reconstruction: float  # E_q[log p(x|z)]: a log-likelihood (<= 0 for Bernoulli pixels)
+    reconstruction_se: Optional[float]
+    active_units: Optional[int]  # None with fewer than 2 images
+    z_dim: int
+    latent_variance: List[float]  # Cov_x(E_q[z_d]) per dimension
+    n: int
+    elbo_samples: int
+    seed: int
+    dataset: Optional[str] = None
+    split: Optional[str] = None
+    binarize: Optional[str] = None
+    likelihood: Optional[str] = None
+    guide: Optional[str] = None
+    run: Optional[str] = None
+    seconds: float = 0.0
+    note: Optional[str] = None  # set when the numbers are not log-likelihoods of binary images
+    per_image: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # [n] each, not in to_dict
+
+    def to_dict(self) -> dict:
+        """Plain values only (``json.dumps``-able); ``per_image`` is left out."""
+        d = asdict(self)
+        del d["per_image"]
+        return d
+
+    def table(self) -> str:
+        """A small readable report."""
+
+        def row(name, value, se=None, fmt="{:10.2f}"):
+            se = "" if se is None else f"  ± {se:.2f}"
+            return f"  {name:<28}{fmt.format(value)}{se}"
+
+        where = " ".join(s for s in (self.dataset, self.split) if s)
+        lines = [
+            f"{where or 'images'}: {self.n} images, binarize={self.binarize}, seed {self.seed}"
+            + (f"  ({self.run})" if self.run else ""),
+            f"  {'':<28}{'nats/image':>10}  ± std. error",
+            row(f"ELBO ({self.elbo_samples} samples of z)", self.elbo, self.elbo_se),
+            row("  E_q log p(x|z)", self.reconstruction, self.reconstruction_se),
+            row("  KL(q || p(z))", self.kl, self.kl_se),
+            row(f"IWAE bound (k={self.iwae_k})", self.iwae, self.iwae_se),
+            row("IWAE - ELBO", self.iwae - self.elbo),
+        ]
+        au = "n/a (needs 2 images)" if self.active_units is None else f"{self.active_units} of {self.z_dim}"
+        lines.append(f"  {'active units':<28}{au:>10}")
+        lines.append(f"  {'seconds':<28}{self.seconds:10.1f}")
+        if self.note:
+            lines.append(f"note: {self.note}")
+        return "\n".join(lines)
+
+
+def _image_normal(rows: torch.Tensor, k: int, z_dim: int, seed: int, stream: int) -> torch.Tensor:
+    """``[k, B, z_dim]`` standard normals; image ``row``'s come from a CPU generator seeded by
+    ``(seed, stream, row)`` alone."""
+    out = torch.empty(len(rows), k, z_dim)  # [B, k, z_dim]
+    g = torch.Generator()
+    for i, row in enumerate(rows.tolist()):
+        g.manual_seed(int(np.random.SeedSequence(seed, spawn_key=(stream, row)).generate_state(1)[0]))
+        torch.randn(k, z_dim, generator=g, out=out[i])
+    return out.transpose(0, 1)
+
+
+def _summary(values: torch.Tensor) -> Tuple[float, Optional[float]]:
+    """Mean and standard error of the mean of per-image values."""
+    values = values.double()
+    se = (values.std() / math.sqrt(len(values))).item() if len(values) > 1 else None
+    return values.mean().item(), se
+
+
+def _encoder_posterior(vae) -> Posterior:
+    guide = getattr(vae, "inference", None)
+    if guide is None or not getattr(guide, "amortized", True):
+        name = getattr(getattr(vae, "config", None), "guide", type(guide).__name__)
+        raise ConfigError(
+            f"the {name} guide has no encoder for new images: pass posterior= (a per-image fit, "
+            "(x, idx) -> (loc, scale)) to evaluate"
+        )
+
+    def posterior(x, idx):
+        with torch.no_grad():
+            return guide.posterior(x, idx)
+
+    return posterior
+
+
+def _note(binarize: Optional[str], likelihood: Optional[str]) -> Optional[str]:
+    if binarize == "none" and likelihood != "normal":
+        return "--binarize none scores grey values with a Bernoulli: these numbers are not log-likelihoods"
+    if likelihood == "normal":
+        return "Normal likelihood: these are log-densities of pixel values, not comparable with Bernoulli log-likelihoods"
+    return None
+
+
+def evaluate(
+    vae_or_run,
+    images,
+    *,
+    iwae_k: int = 5000,
+    elbo_samples: int = 100,
+    batch_size: int = 100,
+    seed: int = 0,
+    posterior: Optional[Posterior] = None,
+    progress: bool = False,
+    chunk_k: Optional[int] = None,
+) -> EvalResult:
+    r"""ELBO, IWAE bound and active units of a trained VAE on ``images``, in nats per image.
+
+    :param vae_or_run: a :class:`~pyro_vae.run.Run`, a run folder, or a :class:`~pyro_vae.model.VAE`.
+    :param images: an :class:`~pyro_vae.datasets.ImageData` (scored as
+        :func:`~pyro_vae.train.eval_binarized` makes it: one fixed binarization) or a tensor
+        ``[N, 784]`` scored as it is.
+    :param iwae_k: importance samples per image for the IWAE bound (Burda et al.: 5000).
+    :param elbo_samples: draws of z per image for the ELBO's reconstruction term.
+    :param batch_size: images per batch (the results do not depend on it).
+    :param seed: seed of all draws; image ``i``'s draws depend only on ``(seed, i)``.
+    :param posterior: ``(x [B, 784], idx [B]) -> (loc, scale)``, each ``[B, z_dim]``: q for these
+        images (``idx``: their rows in ``images``), e.g. a per-image fit for guides without an
+        encoder. Called with gradients enabled as the caller has them; its outputs are detached.
+        Default: the guide's ``posterior(x, idx)`` (amortized guides), under ``torch.no_grad``.
+    :param progress: show a progress bar (on stderr).
+    :param chunk_k: samples per decoder call (see :func:`iwae_bound`).
+    """
+    from .run import Run, load_run
+    from .train import eval_binarized
+
+    for name, value in (("iwae_k", iwae_k), ("elbo_samples", elbo_samples), ("batch_size", batch_size)):
+        if int(value) < 1:
+            raise ConfigError(f"{name} must be a positive integer; got {value}")
+    if seed < 0:
+        raise ConfigError(f"seed must be >= 0; got {seed}")
+    if isinstance(vae_or_run, (str, bytes)) or hasattr(vae_or_run, "__fspath__"):
+        vae_or_run = load_run(vae_or_run)
+    run = vae_or_run if isinstance(vae_or_run, Run) else None
+    vae = run.vae if run is not None else vae_or_run
+    config = getattr(vae, "config", None)
+
+    if isinstance(images, ImageData):
+        meta = dict(dataset=images.name, split=images.split, binarize=images.binarize)
+        x_all = eval_binarized(images)  # [N, 784], one seeded binarization
+    else:
+        meta = dict(dataset=None, split=None, binarize=None)
+        x_all = torch.as_tensor(images)
+    if x_all.ndim != 2 or len(x_all) == 0:
+        raise ConfigError(f"images must be a non-empty [N, D] batch; got shape {tuple(x_all.shape)}")
+    params = next(iter(vae.parameters()), None) if hasattr(vae, "parameters") else None
+    device, dtype = (params.device, params.dtype) if params is not None else (x_all.device, x_all.dtype)
+    if posterior is None:
+        posterior = _encoder_posterior(vae)
+    likelihood = getattr(config, "likelihood", None)
+
+    n = len(x_all)
+    per_image: Dict[str, List[torch.Tensor]] = {"elbo": [], "reconstruction": [], "kl": [], "iwae": [], "loc": []}
+    start = time.perf_counter()
+    bar = tqdm(total=n, unit="img", desc=f"evaluate (k={iwae_k})", disable=not progress, leave=False)
+    for idx in torch.arange(n).split(batch_size):
+        x = x_all[idx].to(device=device, dtype=dtype)  # [B, D]
+        loc, scale = posterior(x, idx.to(device))  # [B, z_dim] each
+        loc, scale = loc.detach().to(dtype), scale.detach().to(dtype)
+        with torch.no_grad():
+            z_dim = loc.shape[-1]
+            eps = _image_normal(idx, elbo_samples, z_dim, seed, stream=0).to(device, dtype)  # [S, B, z_dim]
+            terms = elbo_terms(vae, x, loc, scale, elbo_samples, chunk_k=chunk_k, eps=eps)
+            eps = _image_normal(idx, iwae_k, z_dim, seed, stream=1).to(device, dtype)  # [k, B, z_dim]
+            terms["iwae"] = iwae_bound(vae, x, loc, scale, iwae_k, chunk_k, eps=eps)
+        terms["loc"] = loc
+        for key, value in terms.items():
+            per_image[key].append(value.cpu())
+        bar.update(len(idx))
+    bar.close()
+
+    values = {key: torch.cat(parts) for key, parts in per_image.items()}  # [n] each; loc [n, z_dim]
+    locs = values.pop("loc")
+    au, variances = active_units(locs) if n > 1 else (None, torch.zeros(locs.shape[-1]))
+    elbo, elbo_se = _summary(values["elbo"])
+    iwae, iwae_se = _summary(values["iwae"])
+    kl, kl_se = _summary(values["kl"])
+    rec, rec_se = _summary(values["reconstruction"])
+    return EvalResult(
+        elbo=elbo,
+        elbo_se=elbo_se,
+        iwae=iwae,
+        iwae_se=iwae_se,
+        iwae_k=int(iwae_k),
+        kl=kl,
+        kl_se=kl_se,
+        reconstruction=rec,
+        reconstruction_se=rec_se,
+        active_units=au,
+        z_dim=int(locs.shape[-1]),
+        latent_variance=[float(v) for v in variances],
+        n=n,
+        elbo_samples=int(elbo_samples),
+        seed=int(seed),
+        likelihood=likelihood,
+        guide=getattr(config, "guide", None),
+        run=str(run.path) if run is not None and run.path is not None else None,
+        seconds=time.perf_counter() - start,
+        note=_note(meta["binarize"], likelihood),
+        per_image=values,
+        **meta,
+    )
+
+
+# ----------------------------------------------------------------------------- data and CLI
+
+
+def default_split(dataset: Optional[str], data_dir=None) -> str:
+    """``test`` where the data has a test split (a ``t10k-images`` file), else ``val``."""
+    from pathlib import Path
+
+    if data_dir is not None:
+        folder = Path(data_dir)
+    elif dataset == "mnist-5k":
+        folder = EMBEDDED_DIR
+    else:
+        return "test"  # torchvision's mnist, fashion-mnist
+    return "test" if any((folder / f"t10k-images-idx3-ubyte{gz}").is_file() for gz in ("", ".gz")) else "val"
+
+
+def load_eval_data(
+    config,
+    split: Optional[str] = None,
+    *,
+    dataset: Optional[str] = None,
+    data_dir=None,
+    binarize: Optional[str] = None,
+    limit: Optional[int] = None,
+) -> ImageData:
+    """The images a run is evaluated on: its own data settings (``dataset``/``data_dir``,
+    ``binarize``, ``val_size``, ``split_seed`` from ``config``) unless overridden; ``split``
+    defaults to :func:`default_split`; ``limit`` keeps the split's first images."""
+    if dataset is None and data_dir is None:
+        dataset, data_dir = config.dataset, config.data_dir
+    dataset = dataset or config.dataset  # with data_dir, only a name for reports
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit must be a positive integer; got {limit}")
+    split = split or default_split(dataset, data_dir)
+    return load_dataset(
+        dataset,
+        split,
+        data_dir=data_dir,
+        val_size=config.val_size,
+        split_seed=config.split_seed,
+        limit=limit,
+        binarize=binarize or config.binarize,
+    )
+
+
+def add_parser(sub) -> None:
+    """The ``pyro-vae evaluate`` subcommand (``sub``: the CLI's subparsers)."""
+    from .cli import add_data_flags
+    from .config import DEVICES
+    from .datasets import SPLITS
+
+    p = sub.add_parser(
+        "evaluate",
+        help="test ELBO, IWAE bound (log-likelihood) and active units of a trained run",
+        description="Evaluate a run: ELBO, importance-weighted bound (k samples) and active units, in nats per image.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by pyro-vae train")
+    add_data_flags(p, defaults=False)
+    p.add_argument(
+        "--split",
+        choices=SPLITS,
+        help="default: test where the data has one (t10k file), else val (mnist-5k has no test split)",
+    )
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--iwae-k", type=int, default=5000, metavar="K", help="importance samples per image (default 5000)")
+    e.add_argument("--elbo-samples", type=int, default=100, metavar="S", help="z draws per image for the ELBO (default 100)")
+    e.add_argument("--batch-size", type=int, default=100, help="images per batch (default 100; results do not depend on it)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the z draws (default 0)")
+    e.add_argument("--device", choices=DEVICES, default="auto", help="auto (cuda if available) | cpu | cuda")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_evaluate_cli)
+
+
+def _evaluate_cli(args: argparse.Namespace) -> int:
+    from .run import load_run
+    from .train import resolve_device
+
+    run = load_run(args.run_dir, device=resolve_device(args.device))
+    data = load_eval_data(
+        run.config, args.split, dataset=args.dataset, data_dir=args.data_dir, binarize=args.binarize, limit=args.limit
+    )
+    result = evaluate(
+        run,
+        data,
+        iwae_k=args.iwae_k,
+        elbo_samples=args.elbo_samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    print(json.dumps(result.to_dict()) if args.json else result.table())
+    return 0
