@@ -9,7 +9,16 @@ Python API (the CLI and the notebooks use the same functions)::
 
 from .config import VAEConfig
 from .datasets import ImageData, load_dataset, read_idx, write_idx
-from .errors import CheckpointError, ConfigError, DataError, IDXError, PyroVAEError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    IDXError,
+    PyroVAEError,
+    TrainingError,
+    TrainingInterrupted,
+)
+from .estimators import GradientMoments, gradient_moments, gradient_variance, set_estimator
 from .evaluate import EvalResult, elbo_terms, evaluate, iwae_bound, load_eval_data, log_importance_weights
 from .guides import AmortizedGuide, Guide, make_guide
 from .model import VAE, data_plate
@@ -29,11 +38,17 @@ __all__ = [
     "DataError",
     "IDXError",
     "CheckpointError",
+    "TrainingError",
+    "TrainingInterrupted",
     "EvalResult",
     "evaluate",
     "iwae_bound",
     "elbo_terms",
     "log_importance_weights",
+    "GradientMoments",
+    "gradient_moments",
+    "gradient_variance",
+    "set_estimator",
     "load_eval_data",
     "Guide",
     "AmortizedGuide",

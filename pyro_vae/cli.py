@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from .config import BASELINES, BINARIZATIONS, DATASETS, DEVICES, ELBOS, ESTIMATORS, GUIDES, LIKELIHOODS, NONFINITE, VAEConfig
+from .config import BINARIZATIONS, DATASETS, DEVICES, ELBOS, GUIDES, LIKELIHOODS, NONFINITE, VAEConfig
+from .config import BASELINES, ESTIMATORS
 from .errors import PyroVAEError, TrainingInterrupted
 from .compare import add_parser as _add_compare_guides
 from .estimators import add_parser as _add_grad_variance
@@ -55,11 +56,16 @@ def _add_train(sub) -> None:
     m.add_argument("--z-dim", type=int, default=d.z_dim, help=f"latent dimension (default {d.z_dim})")
     m.add_argument("--hidden", type=_hidden, default=d.hidden, help="hidden widths, e.g. 400 or 500,500")
     m.add_argument("--guide", choices=GUIDES, default=d.guide, help="variational family (default amortized)")
+    m.add_argument("--refine-steps", type=int, default=d.refine_steps, metavar="K",
+                   help=f"semi-amortized: gradient steps refining the encoder's output (default {d.refine_steps})")
+    m.add_argument("--refine-lr", type=float, default=d.refine_lr, help=f"semi-amortized step size (default {d.refine_lr})")
+    m.add_argument("--local-lr", type=float, default=d.local_lr,
+                   help=f"mean-field: learning rate of the per-image parameters (default {d.local_lr})")
     o = p.add_argument_group("inference")
     o.add_argument("--elbo", choices=ELBOS, default=d.elbo, help="trace (default) | meanfield (analytic KL) | jit")
     o.add_argument("--num-particles", type=int, default=d.num_particles, help="z samples per image per step")
-    o.add_argument("--estimator", choices=ESTIMATORS, default=d.estimator, help="gradient: reparam (default) | score (REINFORCE/BBVI)")
-    o.add_argument("--baseline", choices=BASELINES, default=d.baseline, help="score only: none (default) | decaying-avg | neural")
+    o.add_argument("--estimator", choices=ESTIMATORS, default=d.estimator, help="reparam (default) | score (BBVI)")
+    o.add_argument("--baseline", choices=BASELINES, default=d.baseline, help="for score: none | decaying-avg | neural")
     o.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
     o.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
     o.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")

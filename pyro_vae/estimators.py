@@ -94,6 +94,9 @@ LAB_ESTIMATORS = {
 BASELINE_BETA = 0.9  # decay of the running average baseline (Pyro's default)
 WARMUP = 50  # lab: estimates drawn before measuring, so a running-average baseline has settled
 SWEEP = (1, 4, 16, 64)  # lab: numbers of particles of the variance plot
+DEFAULT_ESTIMATORS = ("reparam", "score", "score+baseline")
+REPEATS = 100  # lab: independent estimates per estimator
+BATCH = 128  # lab: images in the fixed minibatch
 _AVG_PREFIX = "__baseline_avg_downstream_cost_"  # Pyro's param-store name of a decaying average
 
 
@@ -340,7 +343,7 @@ def gradient_moments(
     x: torch.Tensor,
     estimator: str = "reparam",
     *,
-    repeats: int = 100,
+    repeats: int = REPEATS,
     num_particles: int = 1,
     warmup: int = WARMUP,
     elbo=None,
@@ -401,9 +404,9 @@ GROUPS = ("encoder", "decoder", "total")
 def gradient_variance(
     run_or_vae,
     x: torch.Tensor,
-    estimators: Sequence[str] = ("reparam", "score", "score+baseline"),
+    estimators: Sequence[str] = DEFAULT_ESTIMATORS,
     *,
-    repeats: int = 100,
+    repeats: int = REPEATS,
     num_particles: int = 1,
     sweep: Iterable[int] = SWEEP,
     warmup: int = WARMUP,
@@ -443,8 +446,8 @@ def gradient_variance(
     for name in estimators:
         for g in GROUPS:
             ref = table.get("reparam", {}).get(g)
-            ratio = table[name][g]["total_variance"] / ref["total_variance"] if ref and ref["total_variance"] > 0 else None
-            table[name][g]["variance_ratio"] = ratio
+            ok = ref is not None and ref["total_variance"] > 0
+            table[name][g]["variance_ratio"] = table[name][g]["total_variance"] / ref["total_variance"] if ok else None
     curves = {name: {g: [] for g in GROUPS} for name in estimators}
     for particles in sweep:
         for name in estimators:
@@ -590,19 +593,24 @@ def add_parser(sub) -> None:
     )
     p.add_argument("run_dir", metavar="RUN_DIR", nargs="?", help="run folder (optional with --at-init)")
     add_data_flags(p, defaults=False)
-    p.add_argument("--at-init", action="store_true", help="use freshly initialised parameters (the run's config, or the defaults)")
-    p.add_argument(
-        "--estimators", type=_names, default=["reparam", "score", "score+baseline"],
-        help=f"comma-separated, from {', '.join(LAB_ESTIMATORS)} (default reparam,score,score+baseline)",
+    a = p.add_argument_group("measurement")
+    a.add_argument("--at-init", action="store_true", help="fresh parameters (the run's config, or the defaults)")
+    a.add_argument(
+        "--estimators", type=_names, default=list(DEFAULT_ESTIMATORS), metavar="NAME,...",
+        help=f"from {', '.join(LAB_ESTIMATORS)} (default {','.join(DEFAULT_ESTIMATORS)})",
     )
-    p.add_argument("--repeats", type=int, default=100, metavar="R", help="gradient estimates per estimator (default 100)")
-    p.add_argument("--batch-size", type=int, default=128, metavar="B", help="images in the fixed minibatch (default 128)")
-    p.add_argument("--num-particles", type=int, default=1, metavar="P", help="samples of z per image per estimate (default 1)")
-    p.add_argument("--sweep", type=_int_list, default=list(SWEEP), metavar="P,P,...", help="particle counts of the plot (default 1,4,16,64)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the minibatch, its binarization and the z draws")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="default cpu")
-    p.add_argument("--out", metavar="DIR", help="folder for the report (default RUN_DIR, or . with --at-init alone)")
-    p.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
+    a.add_argument("--repeats", type=int, default=REPEATS, metavar="R", help=f"estimates per estimator ({REPEATS})")
+    a.add_argument("--batch-size", type=int, default=BATCH, metavar="B", help=f"images in the minibatch ({BATCH})")
+    a.add_argument("--num-particles", type=int, default=1, metavar="P", help="z samples per image per estimate (1)")
+    a.add_argument(
+        "--sweep", type=_int_list, default=list(SWEEP), metavar="P,...",
+        help=f"particle counts of the plot ({','.join(map(str, SWEEP))}); '' for none",
+    )
+    a.add_argument("--seed", type=int, default=0, help="seed of the minibatch, its binarization and the z draws")
+    a.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="default cpu")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", metavar="DIR", help="report folder (default RUN_DIR; with --at-init alone, .)")
+    o.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
     p.set_defaults(func=_grad_variance)
 
 

@@ -223,9 +223,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
-        unsafe = re.search(r"GLOBAL (\S+)|Unsupported global: (\S+)|not an allowed global", str(e))
-        if unsafe:
-            what = next((g for g in unsafe.groups() if g), "an object")
+        if re.search(r"(?i)unsupported global|not an allowed global", str(e)):
+            name = re.search(r"GLOBAL ([\w.]+)", str(e))
+            what = name.group(1) if name else "unknown"
             reason = f"it holds a pickled object ({what}) that could run code when loaded; only tensors and plain values are loaded"
         else:
             reason = "the file is corrupt or truncated"

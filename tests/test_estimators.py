@@ -111,7 +111,8 @@ def test_score_variance_exceeds_reparam_on_a_trained_model(small_train):
         assert 0.5 < table[name]["decoder"]["variance_ratio"] < 2
     assert table["reparam"]["encoder"]["snr"] > 10 * table["score"]["encoder"]["snr"]
     total = table["score"]["total"]["total_variance"]
-    assert total == pytest.approx(table["score"]["encoder"]["total_variance"] + table["score"]["decoder"]["total_variance"])
+    parts = table["score"]["encoder"]["total_variance"] + table["score"]["decoder"]["total_variance"]
+    assert total == pytest.approx(parts)
 
 
 def test_variance_falls_as_one_over_particles(binary_batch):

@@ -235,4 +235,5 @@ def test_cli_mistakes_are_one_line(run_dir, capsys, args, message, code):
 
 def test_cli_missing_run_folder(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "nothing")]) == 1
-    assert "no checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("pyro-vae: error:") and "nothing" in err and err.count("\n") == 1

@@ -1,0 +1,78 @@
+"""Execute notebooks top to bottom and save them with their outputs, as they are committed.
+
+    python notebooks/_execute.py                          # every notebook, full size
+    python notebooks/_execute.py 04_latent_space.ipynb    # one of them
+    CI=1 python notebooks/_execute.py --no-save           # smoke mode (what the tests run), timings only
+
+Each notebook runs in a fresh kernel of the Python running this script, with the notebooks folder
+as working directory. Saved notebooks keep only what a reader needs: outputs and execution counts,
+no execution timestamps, no kernel version details (just the kernelspec's name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+HERE = Path(__file__).resolve().parent
+KERNEL = "pyro-vae-python"
+METADATA = {
+    "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+    "language_info": {"name": "python"},
+}
+
+
+def kernelspec_dir(root: Path) -> Path:
+    """Write a kernelspec that starts ``sys.executable`` (not whatever ``python3`` resolves to)."""
+    spec = root / "kernels" / KERNEL
+    spec.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    spec_json = {"argv": argv, "display_name": KERNEL, "language": "python", "metadata": {"supported_encryption": ["curve"]}}
+    (spec / "kernel.json").write_text(json.dumps(spec_json))
+    return root
+
+
+def strip(nb) -> None:
+    """Drop volatile metadata in place: per-cell execution timings, kernel and Python versions."""
+    nb.metadata = nbformat.from_dict(METADATA)
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)
+
+
+def execute(path: Path, timeout: int = 3600):
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, kernel_name=KERNEL, timeout=timeout, record_timing=False,
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    strip(nb)
+    return nb
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("notebooks", nargs="*", help="file names in notebooks/ (default: all)")
+    parser.add_argument("--no-save", action="store_true", help="execute and time only; leave the files as they are")
+    args = parser.parse_args(argv)
+    paths = [HERE / name for name in args.notebooks] or sorted(HERE.glob("*.ipynb"))
+    mode = "smoke" if "CI" in os.environ else "full"
+    with tempfile.TemporaryDirectory() as jupyter:
+        os.environ["JUPYTER_PATH"] = str(kernelspec_dir(Path(jupyter)))
+        for path in paths:
+            start = time.perf_counter()
+            nb = execute(path)
+            seconds = time.perf_counter() - start
+            if not args.no_save:
+                nbformat.write(nb, path)
+            size = f", {path.stat().st_size / 1024:.0f} KiB" if not args.no_save else ""
+            print(f"{path.name}: {seconds:.0f} s ({mode} mode){size}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
