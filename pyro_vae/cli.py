@@ -76,7 +76,9 @@ def _add_train(sub) -> None:
     r = p.add_argument_group("output")
     r.add_argument("--out", metavar="DIR", help="run folder (default runs/<date-time>)")
     r.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    r.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (same flags; --epochs may grow)")
+    r.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its checkpoint (same flags; --epochs may grow)"
+    )
     o.add_argument("--on-nonfinite", choices=NONFINITE, default=d.on_nonfinite,
                    help="a NaN/inf loss: stop (default; the last good checkpoint is kept) | skip the step")
     r.add_argument("--quiet", action="store_true", help="no progress bar")

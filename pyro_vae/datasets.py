@@ -99,7 +99,9 @@ def read_idx(path) -> np.ndarray:
             expected = math.prod(dims) * dtype.itemsize  # Python ints: no overflow
             shape = "x".join(map(str, dims))
             if expected > MAX_IDX_BYTES:
-                raise IDXError(f"{path}: IDX header promises {shape} values ({expected} bytes), more than pyro-vae reads")
+                raise IDXError(
+                    f"{path}: IDX header promises {shape} values ({expected} bytes), more than pyro-vae reads"
+                )
             held = None if compressed else os.fstat(f.fileno()).st_size - 4 - 4 * ndim
             if held is None or held == expected:
                 body = _read_upto(f, expected + 1)  # one byte more tells trailing data apart

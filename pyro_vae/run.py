@@ -226,7 +226,10 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         if re.search(r"(?i)unsupported global|not an allowed global", str(e)):
             name = re.search(r"GLOBAL ([\w.]+)", str(e))
             what = name.group(1) if name else "unknown"
-            reason = f"it holds a pickled object ({what}) that could run code when loaded; only tensors and plain values are loaded"
+            reason = (
+                f"it holds a pickled object ({what}) that could run code when loaded; "
+                "only tensors and plain values are loaded"
+            )
         else:
             reason = "the file is corrupt or truncated"
         raise CheckpointError(f"{path}: refusing to load checkpoint ({reason})") from None
@@ -272,9 +275,12 @@ def _check_shapes(config: VAEConfig, model: dict, num_data: Optional[int]) -> No
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in VAE(config, num_data=num_data).state_dict().items()}
     found = {k: tuple(v.shape) for k, v in model.items()}
-    if expected != found:
-        diff = sorted(set(expected.items()) ^ set(found.items()))[:2]
-        raise CheckpointError(f"tensor shapes differ: {diff}")
+    for k in sorted(set(expected) | set(found)):
+        if expected.get(k) != found.get(k):
+            raise CheckpointError(
+                f"tensor shapes differ: {k} is {found.get(k, 'missing')} in the file, "
+                f"{expected.get(k, 'absent')} by the config"
+            )
 
 
 def load_run(path, device="cpu") -> Run:
@@ -286,7 +292,9 @@ def load_run(path, device="cpu") -> Run:
     if not path.exists():
         raise CheckpointError(f"{path}: no such run folder or checkpoint")
     if path.is_dir() and not ckpt.exists():
-        raise CheckpointError(f"{path}: not a run folder (no checkpoint.pt); train one with pyro-vae train --out {path}")
+        raise CheckpointError(
+            f"{path}: not a run folder (no checkpoint.pt); train one with pyro-vae train --out {path}"
+        )
     state = load_checkpoint(ckpt)
     try:
         config = VAEConfig.from_dict(state["config"])

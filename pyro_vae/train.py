@@ -191,7 +191,7 @@ def fit(
     amortized = config.guide != "mean-field"
     x_val = eval_binarized(val_data).to(device) if val_data is not None and amortized else None
     num_data = len(images)
-    fingerprint = {"num_data": num_data, "sum": float(train_data.images.double().sum())}
+    fingerprint = {"num_data": num_data, "sum": float(train_data.images.sum(dtype=torch.float64))}
 
     vae = VAE(config, num_data=num_data).to(device)
     run = Run(config, vae, [], out)
@@ -285,7 +285,9 @@ def fit(
             _check_params(params, f"in epoch {epoch + 1}", out, run)
             used = 1.0 - sum(len(batches[s]) for s in skipped) / num_data  # fraction of images scored
             if used <= 0:
-                raise TrainingError(f"every step of epoch {epoch + 1} was skipped (non-finite). {_kept(out, run)}{_ADVICE}")
+                raise TrainingError(
+                    f"every step of epoch {epoch + 1} was skipped (non-finite). {_kept(out, run)}{_ADVICE}"
+                )
             train_elbo = -loss_sum.item() / num_data / (used if skipped else 1.0)
             val_elbo = elbo_per_image(vae, x_val) if x_val is not None else None
             if not all(math.isfinite(v) for v in (train_elbo, val_elbo) if v is not None):
@@ -294,7 +296,13 @@ def fit(
                     f"training stopped. {_kept(out, run)}{_ADVICE}"
                 )
             seconds = elapsed + time.perf_counter() - start
-            record = {"epoch": epoch + 1, "beta": beta, "train_elbo": train_elbo, "val_elbo": val_elbo, "seconds": seconds}
+            record = {
+                "epoch": epoch + 1,
+                "beta": beta,
+                "train_elbo": train_elbo,
+                "val_elbo": val_elbo,
+                "seconds": seconds,
+            }
             if skipped:
                 record["skipped_steps"] = len(skipped)
             run.history.append(record)

@@ -102,7 +102,7 @@ CASES = [
     Case("--data-dir empty", lambda t, r: (t / "e").mkdir() or _train("--data-dir", str(t / "e")), "holds no files", 1),
     Case(
         "wrong magic number",
-        lambda t, r: _train("--data-dir", str(images_folder(t / "d", raw=gzip.compress(b"\x12\x34\x08\x03" + bytes(99))))),
+        lambda t, r: _train("--data-dir", str(images_folder(t / "d", raw=b"\x12\x34\x08\x03" + bytes(9)))),
         "bad magic number 12340803",
         1,
     ),
@@ -134,7 +134,7 @@ CASES = [
     ),
     Case(
         "NaN in the data",
-        lambda t, r: _train("--data-dir", str(images_folder(t / "d", np.where(digits() > 250, np.nan, 0.5).astype(">f4")))),
+        lambda t, r: _train("--data-dir", str(images_folder(t / "d", np.where(digits() > 250, np.nan, 0.5)))),
         "images contain NaN or infinite values",
         1,
     ),
@@ -163,6 +163,7 @@ CASES = [
     Case("--lr nan", lambda t, r: _train("--lr", "nan"), "lr must be positive and finite", 2),
     Case("--limit 0", lambda t, r: _train("--limit", "0"), "limit must be a positive integer", 2),
     Case("--hidden 0", lambda t, r: _train("--hidden", "0"), "argument --hidden: expected positive widths", 2),
+    Case("--val-size >= data", lambda t, r: _train("--val-size", "5000"), "val_size=5000 leaves no training images", 2),
     Case(
         "batch size > data",
         lambda t, r: _train("--batch-size", "1000", "--out", str(t / "o")),
@@ -252,6 +253,19 @@ CASES = [
         "could run code when loaded",
         1,
     ),
+    Case(
+        "grad-variance, checkpoint with code",
+        lambda t, r: ["grad-variance", str(malicious_checkpoint(t / "m" / "checkpoint.pt", t / "PWNED").parent)],
+        "could run code when loaded",
+        1,
+    ),
+    Case(
+        "compare-guides, run folder without checkpoint",
+        lambda t, r: (t / "e").mkdir() or ["compare-guides", "--runs", str(t / "e")],
+        "not a run folder (no checkpoint.pt)",
+        1,
+    ),
+    Case("compare-guides --epochs 0", lambda t, r: ["compare-guides", "--epochs", "0"], "epochs must be a positive", 2),
 ]
 
 
@@ -509,6 +523,21 @@ def test_resume_from_the_middle_of_an_epoch_equals_uninterrupted(tmp_path, monke
     assert torch.equal(load_checkpoint(out / "checkpoint.pt")["rng"]["torch"], rng)  # the random stream too
 
 
+def test_resume_restores_state_kept_in_pyro_param_store(tmp_path, monkeypatch):
+    """The score-function estimator's decaying-average baseline lives in Pyro's param store, not
+    in the model: it is checkpointed too, so resuming is still exact."""
+    config, out = VAEConfig(epochs=1, estimator="score", baseline="decaying-avg", **TINY), tmp_path / "r"
+    reference = fit(config, progress=False, log=lambda s: None)
+    inject(monkeypatch, {3: lambda loss, vae: os.kill(os.getpid(), signal.SIGINT) or loss})
+    with pytest.raises(TrainingInterrupted):
+        fit(config, out, progress=False, log=lambda s: None)
+    assert load_checkpoint(out / "checkpoint.pt")["param_store"]  # the running averages
+    monkeypatch.undo()
+    resumed = fit(config, out, progress=False, resume=True, log=lambda s: None)
+    assert state_equal(resumed, reference)
+    assert without_seconds(resumed.history) == without_seconds(reference.history)
+
+
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     """NaN at epoch 2, step 3: stopped with the place named; checkpoint.pt is byte for byte the
     one written after epoch 1, and loads with finite parameters."""
@@ -557,8 +586,8 @@ def test_resume_checks_the_data_and_the_checkpoint(tmp_path, trained_run):
     with pytest.raises(ConfigError, match="limit=300 \\(asked: 299\\)"):
         fit(config, out, resume=True, progress=False)
     state = torch.load(out / "checkpoint.pt", weights_only=True)
-    state["progress"] = {"epoch": 2, "step": 1, "order": torch.zeros(300, dtype=torch.long), "loss_sum": torch.zeros(()),
-                         "skipped": [], "seconds": 0.0}
+    zeros = torch.zeros(300, dtype=torch.long)  # not a permutation
+    state["progress"] = dict(epoch=2, step=1, order=zeros, loss_sum=torch.zeros(()), skipped=[], seconds=0.0)
     torch.save(state, out / "checkpoint.pt")
     with pytest.raises(CheckpointError, match="not a permutation"):
         fit(config.replace(limit=300), out, resume=True, progress=False)
