@@ -63,6 +63,8 @@ def _add_train(sub) -> None:
                    help=f"mean-field: learning rate of the per-image parameters (default {d.local_lr})")
     o = p.add_argument_group("inference")
     o.add_argument("--elbo", choices=ELBOS, default=d.elbo, help="trace (default) | meanfield (analytic KL) | jit")
+    o.add_argument("--no-fused", dest="fused", action="store_false",
+                   help="run every ELBO through Pyro's tracing (same numbers, slower; see pyro_vae/fused.py)")
     o.add_argument("--num-particles", type=int, default=d.num_particles, help="z samples per image per step")
     o.add_argument("--estimator", choices=ESTIMATORS, default=d.estimator, help="reparam (default) | score (BBVI)")
     o.add_argument("--baseline", choices=BASELINES, default=d.baseline, help="for score: none | decaying-avg | neural")

@@ -57,6 +57,7 @@ class VAEConfig:
     epochs: int = 200  # passes over the training images
     seed: int = 0  # seed of parameter init, minibatch order, binarization and z draws
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    fused: bool = True  # plain cases: the same ELBO estimate without Pyro's tracing (pyro_vae.fused)
     validate: bool = False  # Pyro argument validation in the training loop (slower; on in tests)
     on_nonfinite: str = "stop"  # non-finite loss: stop (last good checkpoint kept) | skip the step
 

@@ -308,6 +308,7 @@ class GradientMoments:
         return {
             "mean_norm": norm,
             "mean_norm_raw": math.sqrt(raw),
+            "mean_noise": math.sqrt(total / self.repeats),  # sqrt(tr Cov / R): the noise in mean_norm_raw
             "total_variance": total,
             "snr": norm / math.sqrt(total) if total > 0 else math.inf,
             "parameters": int(mean.numel()),
@@ -447,11 +448,15 @@ def gradient_variance(
         m = measure(name, num_particles)
         elbo = m.elbo if elbo is None else elbo
         table[name] = {g: m.summary(None if g == "total" else g) for g in GROUPS}
+    # all estimators are unbiased for the same gradient: the least noisy one measures its norm best
+    precise = min(estimators, key=lambda n: table[n]["total"]["total_variance"])
     for name in estimators:
         for g in GROUPS:
-            ref = table.get("reparam", {}).get(g)
+            s, ref = table[name][g], table.get("reparam", {}).get(g)
             ok = ref is not None and ref["total_variance"] > 0
-            table[name][g]["variance_ratio"] = table[name][g]["total_variance"] / ref["total_variance"] if ok else None
+            s["variance_ratio"] = s["total_variance"] / ref["total_variance"] if ok else None
+            norm = table[precise][g]["mean_norm"]
+            s["snr"] = norm / math.sqrt(s["total_variance"]) if s["total_variance"] > 0 else math.inf
     curves = {name: {g: [] for g in GROUPS} for name in estimators}
     for particles in sweep:
         for name in estimators:
@@ -470,6 +475,7 @@ def gradient_variance(
         "seed": seed,
         "elbo": elbo,
         "gradient": "of the minibatch's mean ELBO (nats per image)",
+        "snr_norm_from": precise,
         "estimators": table,
         "sweep": {"num_particles": sweep, "total_variance": curves},
     }
@@ -482,16 +488,15 @@ def format_table(result: dict) -> str:
     """The markdown report of a :func:`gradient_variance` result."""
     p = result["num_particles"]
     lines = [
-        "| estimator | parameters | mean gradient norm | total variance | SNR | variance / reparam |",
+        "| estimator | parameters | ‖mean gradient‖ ± noise | total variance | SNR | variance / reparam |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for name, groups in result["estimators"].items():
         for g in GROUPS:
             s = groups[g]
             ratio = "" if s["variance_ratio"] is None else f"{s['variance_ratio']:.3g}"
-            lines.append(
-                f"| {name} | {g} | {s['mean_norm']:.4g} | {s['total_variance']:.4g} | {s['snr']:.3g} | {ratio} |"
-            )
+            norm = f"{s['mean_norm']:.4g} ± {s['mean_noise']:.2g}"
+            lines.append(f"| {name} | {g} | {norm} | {s['total_variance']:.4g} | {s['snr']:.3g} | {ratio} |")
     text = [
         "# Gradient variance: reparameterization vs score function",
         "",
@@ -500,8 +505,10 @@ def format_table(result: dict) -> str:
         f"per estimator, {p} particle{'s' if p > 1 else ''} (samples of z per image) each.",
         "",
         "Gradient of the minibatch's mean ELBO in nats per image. *Total variance*: the trace of the "
-        "estimator's covariance, summed over parameters. *Mean gradient norm*: ‖E ĝ‖, corrected for the "
-        "noise of averaging the estimates. *SNR*: ‖E ĝ‖ / sqrt(total variance).",
+        "estimator's covariance, summed over parameters. *‖mean gradient‖*: ‖E ĝ‖ from this estimator's "
+        "estimates, corrected for the noise of their average (± sqrt(total variance / R), the size of that "
+        "noise). *SNR*: ‖E ĝ‖ / sqrt(total variance), with ‖E ĝ‖ from the least noisy estimator "
+        f"({result.get('snr_norm_from', '?')}; all estimate the same gradient).",
         "",
         *lines,
     ]
@@ -526,9 +533,9 @@ def plot_grad_variance(result: dict):
     for ax, g, title in zip(axes, ("encoder", "decoder"), ("encoder (guide) parameters", "decoder parameters")):
         for name, curves in sweep["total_variance"].items():
             ax.plot(ps, curves[g], marker="o", label=name)
-        if ps:
-            top = max(c[g][0] for c in sweep["total_variance"].values())
-            ax.plot(ps, [top * ps[0] / p for p in ps], ":", color="grey", label="∝ 1/P")
+        if ps:  # a 1/P line below the lowest curve
+            low = min(c[g][0] for c in sweep["total_variance"].values()) / 4
+            ax.plot(ps, [low * ps[0] / p for p in ps], ":", color="grey", label="∝ 1/P")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(ps, [str(p) for p in ps])
@@ -536,7 +543,11 @@ def plot_grad_variance(result: dict):
         ax.set_ylabel("total gradient variance")
         ax.set_title(title)
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend()
+    axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize="small", loc="upper right")  # empty corner
+    axes[1].text(
+        0.03, 0.03, "same z draws: the decoder's gradient\nis the same under every estimator",
+        transform=axes[1].transAxes, fontsize="small", color="dimgrey",
+    )
     fig.suptitle(f"gradient variance on one minibatch of {result['batch_size']} images, {result['repeats']} estimates")
     fig.tight_layout()
     return fig

@@ -293,8 +293,8 @@ def _encoder_posterior(vae) -> Posterior:
     if guide is None or not getattr(guide, "amortized", True):
         name = getattr(getattr(vae, "config", None), "guide", type(guide).__name__)
         raise ConfigError(
-            f"the {name} guide has no encoder for new images: pass posterior= (a per-image fit, "
-            "(x, idx) -> (loc, scale)) to evaluate"
+            f"the {name} guide has no encoder to give q(z|x) for these images; evaluate them from Python "
+            "with posterior=(x, idx) -> (loc, scale), e.g. a per-image fit"
         )
 
     def posterior(x, idx):
@@ -476,7 +476,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "evaluate",
         help="test ELBO, IWAE bound (log-likelihood) and active units of a trained run",
-        description="Evaluate a run: ELBO, importance-weighted bound (k samples) and active units, in nats per image.",
+        description="Evaluate a run: ELBO, importance-weighted bound (k samples) and active units, in nats per "
+        "image. Data flags left out are the run's own (its config.json).",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by pyro-vae train")
     add_data_flags(p, defaults=False)

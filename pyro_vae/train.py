@@ -24,6 +24,7 @@ from .config import VAEConfig
 from .datasets import ImageData, load_dataset
 from .errors import CheckpointError, ConfigError, DataError, TrainingError, TrainingInterrupted
 from .estimators import baseline_elbo
+from .fused import check_fused, fused_available, fused_elbo_loss
 from .interrupts import StopSignals, signal_name
 from .model import VAE, X_DIM
 from .run import (
@@ -40,6 +41,7 @@ from .run import (
 __all__ = [
     "fit",
     "make_elbo",
+    "make_loss",
     "make_optimizer",
     "resolve_device",
     "load_splits",
@@ -126,6 +128,29 @@ class Optimizers:
             o.load_state_dict(s)
 
 
+def make_loss(vae: VAE, config: VAEConfig):
+    """``loss(x, idx, num_data, beta)``: a differentiable estimate of the full-data -ELBO.
+
+    Pyro's ``ELBO.differentiable_loss`` on ``vae.model``/``vae.guide``; where ``config.fused``
+    and it is exact, :func:`~pyro_vae.fused.fused_elbo_loss`, the same estimate without tracing.
+    """
+    if config.fused and fused_available(config):
+        analytic_kl = config.elbo == "meanfield"
+
+        def loss(x, idx, num_data, beta):
+            return fused_elbo_loss(vae, x, idx, num_data, beta, analytic_kl)
+
+        loss.fused = True
+        return loss
+    elbo = make_elbo(config)
+
+    def loss(x, idx, num_data, beta):  # num_data, beta by keyword: JitTrace_ELBO traces tensors only
+        return elbo.differentiable_loss(vae.model, vae.guide, x, idx, num_data=num_data, beta=beta)
+
+    loss.fused = False
+    return loss
+
+
 def make_optimizer(vae: VAE, config: VAEConfig):
     """One ``torch.optim.Adam`` over all parameters; with per-datapoint (sparse) parameters, a
     ``SparseAdam`` for those, so a minibatch step moves only the rows of its images."""
@@ -195,7 +220,11 @@ def fit(
 
     vae = VAE(config, num_data=num_data).to(device)
     run = Run(config, vae, [], out)
-    loss_fn = make_elbo(config).differentiable_loss
+    loss_fn = make_loss(vae, config)
+    if loss_fn.fused:  # the fused loss must agree with Pyro's ELBO on this model: check once
+        first = torch.arange(min(config.batch_size, num_data), device=device)
+        check_fused(vae, config, torch.bernoulli(images[first]) if train_data.binarize == "dynamic" else images[first],
+                    first, num_data)
     optimizer = make_optimizer(vae, config)
     params = list(vae.parameters())
     position = None  # where an interrupted epoch stopped (resume only)
@@ -259,7 +288,7 @@ def fit(
                 if train_data.binarize == "dynamic":
                     x = torch.bernoulli(x)
                 try:
-                    loss = loss_fn(vae.model, vae.guide, x, idx, num_data, beta)  # estimates -ELBO(all N)
+                    loss = loss_fn(x, idx, num_data, beta)  # estimates -ELBO(all N)
                 except ValueError:  # Pyro's argument validation rejects NaN parameters
                     _check_params(params, f"before epoch {epoch + 1}, step {step + 1}", out, run)
                     raise
