@@ -7,6 +7,7 @@ Every user mistake ends as one line on stderr and a non-zero exit code (2 for us
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -111,15 +112,31 @@ def _resume_command(args, out: Path) -> str:
 
 
 def _train(args) -> int:
+    from . import distributed
     from .train import fit
 
     config = config_from_args(args)
-    out = Path(args.out) if args.out else _default_out()
-    start = time.perf_counter()
+    # under torchrun: join the process group (gloo on CPU, NCCL on GPUs); see pyro_vae/distributed.py
+    joined = distributed.init(config.device)
     try:
-        run = fit(config, out, progress=not args.quiet, overwrite=args.overwrite, resume=args.resume)
-    except TrainingInterrupted as e:  # say exactly which command continues the run
-        raise TrainingInterrupted(f"{e}: {_resume_command(args, out)}", e.signum) from None
+        if joined and not args.out:  # every rank must use rank 0's default folder name
+            import torch.distributed as dist
+
+            box = [str(_default_out()) if dist.get_rank() == 0 else None]
+            dist.broadcast_object_list(box, src=0)
+            out = Path(box[0])
+        else:
+            out = Path(args.out) if args.out else _default_out()
+        start = time.perf_counter()
+        try:
+            run = fit(config, out, progress=not args.quiet, overwrite=args.overwrite, resume=args.resume)
+        except TrainingInterrupted as e:  # say exactly which command continues the run
+            raise TrainingInterrupted(f"{e}: {_resume_command(args, out)}", e.signum) from None
+    finally:
+        if joined:
+            distributed.shutdown()
+    if joined and int(os.environ.get("RANK", "0")) != 0:
+        return 0
     last = run.history[-1]
     val = "" if last["val_elbo"] is None else f", validation ELBO {last['val_elbo']:.2f} nats/image"
     print(f"trained {config.epochs} epochs in {time.perf_counter() - start:.0f}s{val}")

@@ -288,14 +288,20 @@ def _summary(values: torch.Tensor) -> Tuple[float, Optional[float]]:
     return values.mean().item(), se
 
 
-def _encoder_posterior(vae) -> Posterior:
+def _encoder_posterior(vae, local_steps: int = 300, seed: int = 0) -> Posterior:
+    """The guide's own q(z|x): its encoder, or for a guide without one (mean-field) the guide's
+    recipe for new images, a :func:`~pyro_vae.local.fit_local` from the prior."""
     guide = getattr(vae, "inference", None)
-    if guide is None or not getattr(guide, "amortized", True):
-        name = getattr(getattr(vae, "config", None), "guide", type(guide).__name__)
-        raise ConfigError(
-            f"the {name} guide has no encoder to give q(z|x) for these images; evaluate them from Python "
-            "with posterior=(x, idx) -> (loc, scale), e.g. a per-image fit"
-        )
+    if guide is None:
+        raise ConfigError(f"{type(vae).__name__} has no guide to give q(z|x); pass posterior=(x, idx) -> (loc, scale)")
+    if not getattr(guide, "amortized", True):
+        from .local import fit_local
+
+        def local_posterior(x, idx):
+            fit = fit_local(vae, x, steps=local_steps, init="zero", lr=5e-2, seed=seed)
+            return fit.loc, fit.scale
+
+        return local_posterior
 
     def posterior(x, idx):
         with torch.no_grad():
@@ -366,7 +372,7 @@ def evaluate(
     params = next(iter(vae.parameters()), None) if hasattr(vae, "parameters") else None
     device, dtype = (params.device, params.dtype) if params is not None else (x_all.device, x_all.dtype)
     if posterior is None:
-        posterior = _encoder_posterior(vae)
+        posterior = _encoder_posterior(vae, seed=seed)
     likelihood = getattr(config, "likelihood", None)
 
     n = len(x_all)

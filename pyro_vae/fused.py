@@ -23,7 +23,7 @@ particle, ``elbo`` ``trace`` or ``meanfield``; everything else runs through Pyro
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch.distributions import kl_divergence
@@ -39,13 +39,23 @@ def fused_available(config: VAEConfig) -> bool:
 
 
 def fused_elbo_loss(vae, x, idx: Optional[torch.Tensor] = None, num_data: Optional[int] = None,
-                    beta: float = 1.0, analytic_kl: bool = False) -> torch.Tensor:
+                    beta: float = 1.0, analytic_kl: bool = False,
+                    noise_rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """The negative ELBO estimate of ``Trace_ELBO`` (``analytic_kl=False``) or
-    ``TraceMeanField_ELBO`` (``analytic_kl=True``), as a differentiable scalar."""
+    ``TraceMeanField_ELBO`` (``analytic_kl=True``), as a differentiable scalar.
+
+    ``noise_rows=(offset, total)``: ``x`` is rows ``offset:offset+B`` of a batch of ``total``
+    images; draw the noise ε for all ``total`` rows (as ``q.rsample()`` would for that batch) and
+    keep these rows (data-parallel training, :mod:`pyro_vae.distributed`). ``None``: ``q.rsample()``."""
     batch = x.shape[0]
     loc, scale = vae.inference.posterior(x, idx)  # [B, z_dim] each
     q = vae.inference.distribution(loc, scale)
-    z = q.rsample()  # [B, z_dim]
+    if noise_rows is None:
+        z = q.rsample()  # [B, z_dim]
+    else:  # what Normal.rsample does, for the whole batch of `total` rows
+        offset, total = noise_rows
+        eps = torch.empty((total,) + loc.shape[1:], dtype=loc.dtype, device=loc.device).normal_()
+        z = loc + eps[offset:offset + batch] * scale
     log_px = vae.likelihood(z).log_prob(x)  # [B]
     p = vae.prior(batch)
     if analytic_kl:

@@ -10,6 +10,7 @@ updates every parameter (decoder and guide) at once, as in Pyro's PyTorch-native
 from __future__ import annotations
 
 import math
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from .config import VAEConfig
 from .datasets import ImageData, load_dataset
+from .distributed import DataParallel
 from .errors import CheckpointError, ConfigError, DataError, TrainingError, TrainingInterrupted
 from .estimators import baseline_elbo
 from .fused import check_fused, fused_available, fused_elbo_loss
@@ -137,8 +139,8 @@ def make_loss(vae: VAE, config: VAEConfig):
     if config.fused and fused_available(config):
         analytic_kl = config.elbo == "meanfield"
 
-        def loss(x, idx, num_data, beta):
-            return fused_elbo_loss(vae, x, idx, num_data, beta, analytic_kl)
+        def loss(x, idx, num_data, beta, noise_rows=None):
+            return fused_elbo_loss(vae, x, idx, num_data, beta, analytic_kl, noise_rows)
 
         loss.fused = True
         return loss
@@ -190,12 +192,24 @@ def fit(
     """
     config.check()
     device = resolve_device(config.device)
+    dp = DataParallel.current(device)  # None unless under torchrun (pyro_vae.distributed)
+    if dp is not None:
+        dp.check(config)
+        if not dp.is_main:  # rank 0 alone logs, draws the progress bar and writes files
+            progress, log = False, _silent
+    write = dp is None or dp.is_main
     saved = None
     if out is not None:
-        out = prepare_run_dir(out, overwrite, resume)
-        if resume:
-            saved = load_checkpoint(out / "checkpoint.pt")
-            check_resumable(saved, config, out / "checkpoint.pt")
+
+        def open_run():
+            run_dir = prepare_run_dir(out, overwrite, resume)
+            state = None
+            if resume:
+                state = load_checkpoint(run_dir / "checkpoint.pt")
+                check_resumable(state, config, run_dir / "checkpoint.pt")
+            return run_dir, state
+
+        out, saved = open_run() if dp is None else dp.on_main(open_run)  # others: rank 0's folder, checkpoint
     elif resume:
         raise ConfigError("resume needs the run folder to continue (out=...)")
     if train_data is None:
@@ -203,9 +217,11 @@ def fit(
     for data in (train_data, val_data):
         if data is not None:
             check_images(data, config)
-    if config.batch_size > len(train_data):
-        raise ConfigError(f"batch_size={config.batch_size} exceeds the {len(train_data)} training images")
-    if overwrite:
+    global_batch = config.batch_size * (1 if dp is None else dp.world_size)  # images per optimizer step
+    if global_batch > len(train_data):
+        per = "" if dp is None else f" x {dp.world_size} processes"
+        raise ConfigError(f"batch_size={config.batch_size}{per} exceeds the {len(train_data)} training images")
+    if overwrite and write:
         clear_run_files(out)
 
     pyro.set_rng_seed(config.seed)
@@ -230,7 +246,13 @@ def fit(
     position = None  # where an interrupted epoch stopped (resume only)
     if saved is not None:
         position = _restore(saved, vae, optimizer, run, fingerprint, out / "checkpoint.pt")
-    if out is not None:
+        if position is not None and position.get("global_batch", config.batch_size) != global_batch:
+            raise ConfigError(
+                f"--resume: {out / 'checkpoint.pt'} stopped inside an epoch of {position.get('global_batch')}-image "
+                f"steps; resume it with the same number of processes (batch_size x processes = {global_batch} now)"
+            )
+    exact_noise = dp is not None and dp.exact_noise(config, loss_fn)
+    if out is not None and write:
         write_json(out / "config.json", config.to_dict())
     if train_data.binarize == "none":
         log("note: --binarize none scores grey values with a Bernoulli: ELBOs are not log-likelihoods")
@@ -240,7 +262,7 @@ def fit(
             else f"{out} already has {config.epochs} epochs: nothing to train (pass a larger --epochs to continue)")
 
     def save(progress_state=None):
-        if out is not None:
+        if out is not None and write:
             save_checkpoint(out / "checkpoint.pt", vae, optimizer, config, run.history, progress_state, fingerprint)
             write_json(out / "history.json", run.history)
 
@@ -258,15 +280,17 @@ def fit(
                 loss_sum, skipped = position["loss_sum"].to(device), list(position["skipped"])
                 elapsed, position = position["seconds"], None
             else:
-                if stop.signum is not None:  # stopped between epochs: checkpoint this boundary
-                    _check_params(params, f"before epoch {epoch + 1}", out, run)
+                if stop.signum is not None if dp is None else dp.any_stop(stop.signum is not None):
+                    _check_params(params, f"before epoch {epoch + 1}", out, run)  # between epochs: checkpoint
                     save()
-                    raise interrupted(stop.signum, epoch)
+                    raise interrupted(stop.signum or signal.SIGTERM, epoch)
                 order = torch.randperm(num_data, device=device)
+                if dp is not None:  # every rank draws the same order; rank 0's is broadcast to be sure
+                    dp.broadcast_order(order)
                 first, elapsed, skipped = 0, 0.0, []
                 loss_sum = torch.zeros((), device=device)  # sum over images of -ELBO_i (no per-step sync)
             start = time.perf_counter()
-            batches = order.split(config.batch_size)
+            batches = order.split(global_batch)  # under torchrun each rank takes its rows of each
             bar = tqdm(
                 range(first, len(batches)),
                 desc=f"epoch {epoch + 1}/{config.epochs}",
@@ -276,27 +300,35 @@ def fit(
                 total=len(batches),
             )
             for step in bar:
-                if stop.signum is not None:  # finish no more steps: save the exact position
+                if stop.signum is not None if dp is None else dp.stop:  # finish no more steps: save the position
                     _check_params(params, f"in epoch {epoch + 1}", out, run)
                     elapsed += time.perf_counter() - start
                     state = {"epoch": epoch, "step": step, "order": order.cpu(), "loss_sum": loss_sum.cpu(),
                              "skipped": skipped, "seconds": elapsed}
+                    if dp is not None:
+                        state["global_batch"] = global_batch
                     save(state)
-                    raise interrupted(stop.signum, epoch, step, len(batches))
+                    raise interrupted(stop.signum or signal.SIGTERM, epoch, step, len(batches))
                 idx = batches[step]
                 x = images[idx]
                 if train_data.binarize == "dynamic":
                     x = torch.bernoulli(x)
-                try:
-                    loss = loss_fn(x, idx, num_data, beta)  # estimates -ELBO(all N)
-                except ValueError:  # Pyro's argument validation rejects NaN parameters
-                    _check_params(params, f"before epoch {epoch + 1}, step {step + 1}", out, run)
-                    raise
-                finite = bool(torch.isfinite(loss))  # the loop's one sync per step
-                if finite:
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    finite = config.on_nonfinite == "stop" or _grads_finite(params)
+                if dp is not None:  # this rank's rows; gradients (and loss) combined over the ranks
+                    loss = dp.loss_and_grads(loss_fn, x, idx, num_data, beta, optimizer, params, exact_noise,
+                                             _rank_seed(config.seed, epoch, step, dp.rank),
+                                             stop.signum is not None, config.z_dim)
+                    finite = bool(torch.isfinite(loss)) and (config.on_nonfinite == "stop" or _grads_finite(params))
+                else:
+                    try:
+                        loss = loss_fn(x, idx, num_data, beta)  # estimates -ELBO(all N)
+                    except ValueError:  # Pyro's argument validation rejects NaN parameters
+                        _check_params(params, f"before epoch {epoch + 1}, step {step + 1}", out, run)
+                        raise
+                    finite = bool(torch.isfinite(loss))  # the loop's one sync per step
+                    if finite:
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        finite = config.on_nonfinite == "stop" or _grads_finite(params)
                 if not finite:
                     what = f"non-finite loss ({loss.item()})" if not torch.isfinite(loss) else "non-finite gradients"
                     where = f"epoch {epoch + 1}/{config.epochs}, step {step + 1}/{len(batches)}"
@@ -318,7 +350,12 @@ def fit(
                     f"every step of epoch {epoch + 1} was skipped (non-finite). {_kept(out, run)}{_ADVICE}"
                 )
             train_elbo = -loss_sum.item() / num_data / (used if skipped else 1.0)
-            val_elbo = elbo_per_image(vae, x_val) if x_val is not None else None
+            if x_val is None:
+                val_elbo = None
+            elif dp is None:
+                val_elbo = elbo_per_image(vae, x_val)
+            else:  # each rank scores its shard; the sums are all-reduced
+                val_elbo = dp.elbo_per_image(lambda part: elbo_per_image(vae, part), x_val)
             if not all(math.isfinite(v) for v in (train_elbo, val_elbo) if v is not None):
                 raise TrainingError(
                     f"non-finite ELBO in epoch {epoch + 1} (train {train_elbo}, validation {val_elbo}); "
@@ -337,14 +374,14 @@ def fit(
             run.history.append(record)
             save()
             log(_epoch_line(record, config.epochs))
-        if stop.signum is not None:  # the signal came during the last epoch's bookkeeping
-            raise TrainingInterrupted(
-                f"interrupted by {signal_name(stop.signum)} after the last epoch; the training is complete and "
+        if stop.signum is not None if dp is None else dp.any_stop(stop.signum is not None):
+            raise TrainingInterrupted(  # the signal came during the last epoch's bookkeeping
+                f"interrupted by {signal_name(stop.signum or signal.SIGTERM)} after the last epoch; the training is complete and "
                 f"saved{'' if out is None else f' in {out}'}, the figures were not drawn (--resume draws them)",
-                stop.signum,
+                stop.signum or signal.SIGTERM,
             )
 
-    if out is not None:
+    if out is not None and write:
         from .plots import save_figures
 
         save_figures(run, val_data if val_data is not None else train_data)
@@ -352,6 +389,15 @@ def fit(
 
 
 _ADVICE = " Lower --lr, or pass --on-nonfinite skip to skip such steps."
+
+
+def _silent(message: str) -> None:
+    """The log of ranks other than 0 under torchrun."""
+
+
+def _rank_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """Seed of a rank's own draws in one step (losses that draw per row; pyro_vae.distributed)."""
+    return (((seed * 1_000_003 + epoch) * 1_000_003 + step) * 1_009 + rank) % (2**63 - 1)
 
 
 def _kept(out, run: Run) -> str:

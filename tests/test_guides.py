@@ -138,3 +138,16 @@ def test_fit_local_improves_held_out_elbo(trained):
     end = sum(enc.elbo[-3:]) / 3
     assert end > start - 0.5
     assert enc.loc.shape == (100, 8) and (enc.scale > 0).all()
+
+
+def test_evaluate_fits_new_images_for_the_mean_field_guide(tmp_path, capsys):
+    import json
+
+    from pyro_vae.cli import main
+
+    small = ["--limit", "300", "--val-size", "100", "--epochs", "2", "--batch-size", "50", "--hidden", "32", "--quiet"]
+    assert main(["train", *small, "--guide", "mean-field", "--out", str(tmp_path / "mf")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "mf"), "--iwae-k", "8", "--elbo-samples", "4", "--limit", "20", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 20 and result["iwae"] >= result["elbo"] - 3 * result["elbo_se"]
