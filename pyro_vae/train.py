@@ -238,7 +238,7 @@ def fit(
     run = Run(config, vae, [], out)
     loss_fn = make_loss(vae, config)
     if loss_fn.fused:  # the fused loss must agree with Pyro's ELBO on this model: check once
-        first = torch.arange(min(config.batch_size, num_data), device=device)
+        first = torch.arange(min(global_batch, num_data), device=device)  # the same draws under torchrun
         check_fused(vae, config, torch.bernoulli(images[first]) if train_data.binarize == "dynamic" else images[first],
                     first, num_data)
     optimizer = make_optimizer(vae, config)
