@@ -108,7 +108,10 @@ def _resume_command(args, out: Path) -> str:
     argv = [a for a in getattr(args, "argv", None) or ["train"] if a not in ("--overwrite", "--resume")]
     if args.out is None:
         argv += ["--out", str(out)]
-    return " ".join(shlex.quote(a) for a in ["pyro-vae", *argv, "--resume"])
+    from .distributed import under_torchrun
+
+    command = ["torchrun", "<the same torchrun flags>", "-m", "pyro_vae"] if under_torchrun() else ["pyro-vae"]
+    return " ".join(a if a.startswith("<") else shlex.quote(a) for a in [*command, *argv, "--resume"])
 
 
 def _train(args) -> int:
@@ -166,6 +169,7 @@ COMMANDS = [_add_train, _add_evaluate, _add_compare_guides, _add_grad_variance]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    os.environ.setdefault("MPLBACKEND", "Agg")  # the CLI writes figures to files only
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)

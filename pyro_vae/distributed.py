@@ -129,12 +129,12 @@ class DataParallel:
 
     def on_main(self, fn: Callable[[], object]):
         """Run ``fn`` on rank 0 and give every rank its result; an error on rank 0 is raised on every
-        rank (as the same :class:`PyroVAEError` class where possible), so none waits forever."""
+        rank (as the same exception class where possible), so none waits forever."""
         box = [None]
         if self.is_main:
             try:
                 box[0] = ("ok", fn())
-            except PyroVAEError as e:
+            except Exception as e:  # PyroVAEError, OSError (an unwritable --out), ...
                 box[0] = ("error", (type(e), str(e)))
                 dist.broadcast_object_list(box, src=0)
                 raise
@@ -143,9 +143,10 @@ class DataParallel:
         if kind == "error":
             cls, message = value
             try:
-                raise cls(message)
-            except TypeError:
-                raise PyroVAEError(message) from None
+                error = cls(message)
+            except Exception:  # a class that needs other arguments
+                error = PyroVAEError(message)
+            raise error
         return value
 
     def barrier(self) -> None:

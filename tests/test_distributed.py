@@ -123,3 +123,37 @@ def test_default_run_folder_is_shared_and_mean_field_is_refused(tmp_path):
     assert bad.returncode != 0
     assert "mean-field guide" in bad.stdout + bad.stderr and "torchrun" in bad.stdout + bad.stderr
     assert not (tmp_path / "mf").exists() or not (tmp_path / "mf" / "checkpoint.pt").exists()
+
+
+def test_sigterm_stops_every_rank_at_the_same_step_and_resume_is_exact(tmp_path):
+    """SIGTERM to torchrun: every rank finishes the same step, rank 0 checkpoints, no hang; the
+    resumed 2-process run ends with the parameters of an uninterrupted 1-process run (batch 2B)."""
+    import signal
+    import time
+
+    args = ["--limit", "2000", "--val-size", "50", "--hidden", "32", "--z-dim", "2", "--quiet"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "pyro_vae", "train", *args, "--batch-size", "20",
+           "--epochs", "100", "--out", "two"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (tmp_path / "two" / "history.json").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "no epoch finished"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "interrupted by SIGTERM" in output and "torchrun" in output, output
+    saved = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    done = len(saved["history"]) + 1  # finish the epoch it stopped in
+    resumed = _train(tmp_path, [*args, "--batch-size", "20", "--epochs", str(done), "--out", "two", "--resume"], nproc=2)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    one = _train(tmp_path, [*args, "--batch-size", "40", "--epochs", str(done), "--out", "one"])
+    assert one.returncode == 0, one.stderr
+    a, b = _params(tmp_path / "one"), _params(tmp_path / "two")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k

@@ -166,7 +166,7 @@ def test_traceGraph_loss_is_the_elbo_and_keeps_one_average_per_batch_size(binary
 @pytest.mark.parametrize("baseline", ["none", "decaying-avg", "neural"])
 def test_score_function_training_learns(baseline, tmp_path):
     config = VAEConfig(
-        z_dim=4, hidden=(64,), epochs=3, limit=500, val_size=100, estimator="score", baseline=baseline, validate=True
+        z_dim=4, hidden=(64,), epochs=2, limit=500, val_size=100, estimator="score", baseline=baseline, validate=True
     )
     pyro.set_rng_seed(config.seed)
     init = VAE(config)  # the parameters fit starts from

@@ -11,6 +11,8 @@ from nbclient import NotebookClient
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = [  # a notebook added to or removed from notebooks/ must be added here or removed too
     "01_two_perspectives.ipynb",
+    "02_mean_field_vs_amortized.ipynb",
+    "03_reparameterization_vs_score_function.ipynb",
     "04_latent_space.ipynb",
 ]
 KERNEL = "pyro-vae-test"

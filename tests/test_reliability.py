@@ -447,22 +447,21 @@ def inject(monkeypatch, actions: dict):
     """Wrap the loss: on loss evaluation number ``n`` (1-based; 6 per epoch with TINY) return
     ``actions[n](loss, vae)`` instead of the loss."""
     calls = {"n": 0}
-    make_elbo = train_module.make_elbo
+    make_loss = train_module.make_loss
 
-    def patched(config):
-        elbo = make_elbo(config)
-        loss_fn = elbo.differentiable_loss
+    def patched(vae, config, *args, **kwargs):
+        inner = make_loss(vae, config, *args, **kwargs)
 
-        def loss(model, *args, **kwargs):
+        def loss(*loss_args, **loss_kwargs):
             calls["n"] += 1
-            value = loss_fn(model, *args, **kwargs)
+            value = inner(*loss_args, **loss_kwargs)
             action = actions.get(calls["n"])
-            return value if action is None else action(value, model.__self__)
+            return value if action is None else action(value, vae)
 
-        elbo.differentiable_loss = loss
-        return elbo
+        loss.fused = inner.fused
+        return loss
 
-    monkeypatch.setattr(train_module, "make_elbo", patched)
+    monkeypatch.setattr(train_module, "make_loss", patched)
 
 
 def state_equal(a, b) -> bool:
