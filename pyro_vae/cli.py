@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+os.environ.setdefault("MPLBACKEND", "Agg")  # the CLI writes figures to files only (set before pyplot loads)
+
 from .config import BINARIZATIONS, DATASETS, DEVICES, ELBOS, GUIDES, LIKELIHOODS, NONFINITE, VAEConfig
 from .config import BASELINES, ESTIMATORS
 from .errors import PyroVAEError, TrainingInterrupted
@@ -169,7 +171,6 @@ COMMANDS = [_add_train, _add_evaluate, _add_compare_guides, _add_grad_variance]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    os.environ.setdefault("MPLBACKEND", "Agg")  # the CLI writes figures to files only
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
