@@ -144,7 +144,7 @@ def test_score_guide_site_is_not_reparameterized_where_gradients_are_on(binary_b
     assert loss.shape == () and loss.requires_grad
 
 
-def test_traceGraph_loss_is_the_elbo_and_keeps_one_average_per_batch_size(binary_batch):
+def test_tracegraph_loss_is_the_elbo_and_keeps_one_average_per_batch_size(binary_batch):
     vae = VAE(VAEConfig(z_dim=3, hidden=(16,), estimator="score", baseline="decaying-avg"))
     elbo = DifferentiableTraceGraph_ELBO(max_plate_nesting=1)
     x = binary_batch

@@ -8,7 +8,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from pyro_vae import VAE, ConfigError, VAEConfig, fit, load_dataset, write_idx
+from pyro_vae import VAE, VAEConfig, fit, load_dataset, write_idx
 from pyro_vae.cli import main
 from pyro_vae.evaluate import active_units, elbo_terms, evaluate, iwae_bound, log_importance_weights
 
@@ -179,12 +179,13 @@ def test_active_units_counts_dimensions_whose_posterior_mean_varies():
     assert count == 3 and variances.shape == (5,)
 
 
-def test_guides_without_an_encoder_need_a_posterior(run, val):
+def test_guides_without_an_encoder_get_a_local_fit_or_a_given_posterior(run, val):
     vae = VAE(VAEConfig(z_dim=4, hidden=(64,)))
     vae.load_state_dict(run.vae.state_dict())
     vae.inference.amortized = False  # as a per-datapoint guide: no q for new images
-    with pytest.raises(ConfigError, match="posterior="):
-        evaluate(vae, val.subset(10), iwae_k=2, elbo_samples=2)
+    local = evaluate(vae, val.subset(10), iwae_k=2, elbo_samples=2)  # q from fit_local, from the prior
+    assert local.elbo > evaluate(vae, val.subset(10), iwae_k=2, elbo_samples=2,
+                                 posterior=lambda x, idx: (torch.zeros(len(x), 4), torch.ones(len(x), 4))).elbo
     encoder = run.vae.inference.posterior
     fitted = evaluate(vae, val.subset(10), iwae_k=2, elbo_samples=2, posterior=lambda x, idx: encoder(x))
     assert fitted.iwae == evaluate(run, val.subset(10), iwae_k=2, elbo_samples=2).iwae
