@@ -221,7 +221,7 @@ def fit(
     if global_batch > len(train_data):
         per = "" if dp is None else f" x {dp.world_size} processes"
         raise ConfigError(f"batch_size={config.batch_size}{per} exceeds the {len(train_data)} training images")
-    if overwrite and write:
+    if overwrite and write and out is not None:
         clear_run_files(out)
 
     pyro.set_rng_seed(config.seed)
