@@ -1,6 +1,7 @@
 r"""The training loss without the tracing: the same ELBO estimate as ``Trace_ELBO`` (or
 ``TraceMeanField_ELBO``) on ``VAE.model``/``VAE.guide``, computed from the same pieces
-(``guide.posterior``, ``vae.prior``, ``vae.likelihood``) in a few fused tensor operations.
+(``guide.posterior``, ``vae.prior``, ``vae.likelihood``; for Bernoulli pixels the summed
+log-density is one ``binary_cross_entropy_with_logits`` reduction) in a few fused tensor operations.
 
 For a minibatch of :math:`B` of :math:`N` images and one reparameterized draw
 :math:`z_i = \mu_i + \sigma_i \epsilon_i` per image,
@@ -27,6 +28,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch.distributions import kl_divergence
+from torch.nn import functional as F
 
 from .config import VAEConfig
 
@@ -56,14 +58,17 @@ def fused_elbo_loss(vae, x, idx: Optional[torch.Tensor] = None, num_data: Option
         offset, total = noise_rows
         eps = torch.empty((total,) + loc.shape[1:], dtype=loc.dtype, device=loc.device).normal_()
         z = loc + eps[offset:offset + batch] * scale
-    log_px = vae.likelihood(z).log_prob(x)  # [B]
+    if vae.config.likelihood == "bernoulli":  # sum_i log Bernoulli(x_i | logits_i), one fused reduction
+        log_px_sum = -F.binary_cross_entropy_with_logits(vae.decoder(z), x, reduction="sum")
+    else:
+        log_px_sum = vae.likelihood(z).log_prob(x).sum()
     p = vae.prior(batch)
     if analytic_kl:
         latent = -kl_divergence(q, p)  # [B]
     else:
         latent = p.log_prob(z) - q.log_prob(z)  # [B]
     scale_n = (num_data if num_data is not None else batch) / batch
-    return -(log_px.sum() + beta * latent.sum()) * scale_n
+    return -(log_px_sum + beta * latent.sum()) * scale_n
 
 
 def check_fused(vae, config: VAEConfig, x, idx, num_data, beta: float = 1.0, rtol: float = 1e-4) -> None:
