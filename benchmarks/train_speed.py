@@ -90,7 +90,7 @@ def eval_worker(args) -> dict:
     from references import hand_written_iwae
 
     from pyro_vae import VAE, VAEConfig
-    from pyro_vae.evaluate import iwae_bound
+    from pyro_vae.evaluate import CHUNK_ROWS, iwae_bound
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -110,7 +110,8 @@ def eval_worker(args) -> dict:
                         total.append(iwae_bound(vae, xb, loc, scale, args.iwae_k))
                     bound = torch.cat(total)
                 else:
-                    bound = torch.cat([hand_written_iwae(vae.inference.encoder, vae.decoder, xb, args.iwae_k)
+                    chunk = max(1, CHUNK_ROWS // args.eval_batch)  # the same decoder batch as ours
+                    bound = torch.cat([hand_written_iwae(vae.inference.encoder, vae.decoder, xb, args.iwae_k, chunk)
                                        for xb in x.split(args.eval_batch)])
                 results[impl].append(time.perf_counter() - start)
                 values[impl] = bound.mean().item()
