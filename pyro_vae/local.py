@@ -69,7 +69,8 @@ def fit_local(
 
     :param init: ``"zero"`` (start at the prior N(0, I)) or ``"encoder"`` (start at the guide's
         amortized output; falls back to ``"zero"`` for guides without an encoder).
-    :param steps: Adam steps on the summed ELBO of the batch (each image's gradient is its own).
+    :param steps: Adam steps on the summed ELBO of the batch (each image's gradient is its own),
+        with the learning rate decayed linearly from ``lr`` to 0.
     """
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}; got {init!r}")
@@ -81,6 +82,9 @@ def fit_local(
             guide.set(*vae.inference.posterior(x))
     elbo = TraceMeanField_ELBO()
     optimizer = torch.optim.Adam(guide.parameters(), lr=lr)
+    # the gradients are one-sample estimates: decay the step size linearly to 0 so the fit
+    # settles at the optimum instead of wandering around it at the noise floor
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0 - t / max(steps, 1))
     result = LocalFit(loc=torch.empty(0), scale=torch.empty(0))
     rng = torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [])
     with rng, frozen(vae), torch.enable_grad():
@@ -96,6 +100,7 @@ def fit_local(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            schedule.step()
     with torch.no_grad():
         result.loc, result.scale = (t.detach() for t in guide.posterior(x))
     return result
