@@ -28,7 +28,6 @@ __all__ = [
     "load_dataset",
     "read_idx",
     "write_idx",
-    "binarize",
     "EMBEDDED_DIR",
 ]
 
@@ -292,8 +291,3 @@ def _listing(folder: Path) -> str:
     if not names:
         return "no files"
     return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-
-
-def binarize(images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """One Bernoulli draw per pixel: grey value = probability of ink."""
-    return torch.bernoulli(images, generator=generator)

@@ -149,9 +149,6 @@ class DataParallel:
             raise error
         return value
 
-    def barrier(self) -> None:
-        dist.barrier()
-
     def broadcast_order(self, order: torch.Tensor) -> torch.Tensor:
         dist.broadcast(order, src=0)
         return order
