@@ -19,7 +19,7 @@ from pyro.infer import SVI, Trace_ELBO
 from torch.nn import functional as F
 
 from pyro_vae import VAE, VAEConfig
-from pyro_vae.networks import BernoulliDecoder, Encoder
+from pyro_vae.program.networks import BernoulliDecoder, Encoder
 
 __all__ = ["HandWrittenVAE", "PyroTutorialVAE", "hand_written_iwae"]
 

@@ -90,7 +90,7 @@ def eval_worker(args) -> dict:
     from references import hand_written_iwae
 
     from pyro_vae import VAE, VAEConfig
-    from pyro_vae.evaluate import CHUNK_ROWS, iwae_bound
+    from pyro_vae.infer.evaluate import CHUNK_ROWS, iwae_bound
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

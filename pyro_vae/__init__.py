@@ -7,9 +7,9 @@ Python API (the CLI and the notebooks use the same functions)::
     images = run.sample(16)
 """
 
-from .config import VAEConfig
-from .datasets import ImageData, load_dataset, read_idx, write_idx
-from .errors import (
+from .core.config import VAEConfig
+from .core.data import ImageData, load_dataset, read_idx, write_idx
+from .core.errors import (
     CheckpointError,
     ConfigError,
     DataError,
@@ -18,12 +18,18 @@ from .errors import (
     TrainingError,
     TrainingInterrupted,
 )
-from .estimators import GradientMoments, gradient_moments, gradient_variance, set_estimator
-from .evaluate import EvalResult, elbo_terms, evaluate, iwae_bound, load_eval_data, log_importance_weights
-from .guides import AmortizedGuide, Guide, make_guide
-from .model import VAE, data_plate
-from .run import Run, load_run
-from .train import elbo_per_image, fit, make_elbo
+from .experiments.compare import compare_guides
+from .experiments.plots import SaveFigures
+from .experiments.variance_lab import GradientMoments, gradient_moments, gradient_variance
+from .infer.callbacks import Callback
+from .infer.evaluate import EvalResult, elbo_terms, evaluate, iwae_bound, load_eval_data, log_importance_weights
+from .infer.objectives import elbo_per_image, make_elbo
+from .infer.run import Run, load_run
+from .infer.svi import Trainer, fit
+from .program.guides import AmortizedGuide, Guide, make_guide
+from .program.model import VAE
+from .program.plates import data_plate
+from .program.sites import set_estimator
 
 __version__ = "0.1.0"
 
@@ -60,4 +66,8 @@ __all__ = [
     "fit",
     "make_elbo",
     "elbo_per_image",
+    "Trainer",
+    "Callback",
+    "SaveFigures",
+    "compare_guides",
 ]

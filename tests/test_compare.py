@@ -4,7 +4,7 @@ import pytest
 
 from pyro_vae import VAEConfig
 from pyro_vae.cli import main
-from pyro_vae.compare import compare_guides
+from pyro_vae.experiments.compare import compare_guides
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pyro_vae import DataError, IDXError, load_dataset, read_idx, write_idx
-from pyro_vae.datasets import EMBEDDED_DIR
+from pyro_vae.core.data import EMBEDDED_DIR
 
 
 def test_embedded_data_is_shipped_intact():

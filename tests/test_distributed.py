@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from pyro_vae import VAEConfig
-from pyro_vae.distributed import DataParallel, shard, under_torchrun
-from pyro_vae.fused import fused_elbo_loss
-from pyro_vae.model import VAE
+from pyro_vae.infer.distributed import DataParallel, shard, under_torchrun
+from pyro_vae.infer.fused import fused_elbo_loss
+from pyro_vae.program.model import VAE
 
 TIMEOUT = 240  # seconds for any command here; a hang fails the test
 TINY = ["--limit", "210", "--val-size", "50", "--hidden", "32", "--z-dim", "2", "--epochs", "2", "--quiet"]

@@ -12,16 +12,11 @@ from torch import nn
 
 from pyro_vae import VAE, VAEConfig, fit, load_run
 from pyro_vae.cli import main
-from pyro_vae.errors import ConfigError
-from pyro_vae.estimators import (
-    DifferentiableTraceGraph_ELBO,
-    estimator_mode,
-    gradient_moments,
-    gradient_variance,
-    parameter_groups,
-    set_estimator,
-)
-from pyro_vae.train import elbo_per_image, make_elbo
+from pyro_vae.core.errors import ConfigError
+from pyro_vae.experiments.variance_lab import gradient_moments, gradient_variance, parameter_groups
+from pyro_vae.infer.estimators import DifferentiableTraceGraph_ELBO, estimator_mode
+from pyro_vae.program.sites import set_estimator
+from pyro_vae.infer.objectives import elbo_per_image, make_elbo
 
 X_DIM, Z_DIM = 10, 2
 
@@ -53,7 +48,7 @@ def exact_elbo(vae, x):
 @pytest.fixture
 def linear_vae():
     torch.manual_seed(0)
-    vae = VAE(VAEConfig(z_dim=Z_DIM, hidden=(8,), likelihood="normal"), x_dim=X_DIM)
+    vae = VAE(VAEConfig(z_dim=Z_DIM, hidden=(8,), likelihood="normal", event_shape=(X_DIM,)))
     vae.decoder = LinearGaussianDecoder()
     w = torch.randn(X_DIM, Z_DIM, generator=torch.Generator().manual_seed(1))
     x = torch.randn(12, Z_DIM, generator=torch.Generator().manual_seed(2)) @ w.T

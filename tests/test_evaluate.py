@@ -10,7 +10,7 @@ from torch import nn
 
 from pyro_vae import VAE, VAEConfig, fit, load_dataset, write_idx
 from pyro_vae.cli import main
-from pyro_vae.evaluate import active_units, elbo_terms, evaluate, iwae_bound, log_importance_weights
+from pyro_vae.infer.evaluate import active_units, elbo_terms, evaluate, iwae_bound, log_importance_weights
 
 JSON_KEYS = {"elbo", "elbo_se", "iwae", "iwae_se", "iwae_k", "kl", "reconstruction", "active_units", "n", "dataset", "split", "binarize"}
 QUICK = ["--iwae-k", "10", "--elbo-samples", "4", "--limit", "40", "--quiet"]

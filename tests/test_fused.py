@@ -4,7 +4,8 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_vae import VAE, VAEConfig
-from pyro_vae.fused import check_fused, fused_available, fused_elbo_loss
+from pyro_vae.infer.fused import fused_available, fused_elbo_loss
+from pyro_vae.infer.objectives import check_fused
 
 
 @pytest.mark.parametrize("guide", ["amortized", "mean-field", "semi-amortized"])

@@ -5,9 +5,10 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoNormal
 
 from pyro_vae import VAE, VAEConfig
-from pyro_vae.guides import AmortizedGuide, MeanFieldGuide, SemiAmortizedGuide
-from pyro_vae.local import fit_local
-from pyro_vae.train import fit, make_optimizer
+from pyro_vae.program.guides import AmortizedGuide, MeanFieldGuide, SemiAmortizedGuide
+from pyro_vae.infer.local import fit_local
+from pyro_vae.infer.objectives import make_optimizer
+from pyro_vae.infer.svi import fit
 
 Z = 4
 
@@ -112,7 +113,7 @@ def trained():
 
 
 def test_refinement_improves_each_images_elbo(trained, data):
-    from pyro_vae.guides import local_elbo
+    from pyro_vae.program.guides import local_elbo
 
     semi = SemiAmortizedGuide(784, (128,), 8, refine_steps=20, refine_lr=1e-2)
     semi.encoder.load_state_dict(trained.vae.inference.encoder.state_dict())
@@ -125,7 +126,7 @@ def test_refinement_improves_each_images_elbo(trained, data):
 
 
 def test_fit_local_improves_held_out_elbo(trained):
-    from pyro_vae.train import eval_binarized
+    from pyro_vae.core.data import eval_binarized
     from pyro_vae import load_dataset
 
     val = load_dataset("mnist-5k", "val", val_size=300, limit=100)

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pyro_vae import IDXError, read_idx, write_idx
-from pyro_vae.datasets import MAX_IDX_BYTES, MAX_IDX_DIMS
+from pyro_vae.core.data import MAX_IDX_BYTES, MAX_IDX_DIMS
 
 TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

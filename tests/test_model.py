@@ -8,7 +8,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_vae import VAE, VAEConfig
-from pyro_vae.train import make_elbo
+from pyro_vae.infer.objectives import make_elbo
 
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "normal"])

@@ -27,11 +27,11 @@ import numpy as np
 import pytest
 import torch
 
-import pyro_vae.train as train_module
+import pyro_vae.infer.svi as train_module
 from pyro_vae import VAE, VAEConfig, fit, load_run, write_idx
 from pyro_vae.cli import main
-from pyro_vae.errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
-from pyro_vae.run import RUN_FILES, load_checkpoint, prepare_run_dir, save_checkpoint
+from pyro_vae.core.errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
+from pyro_vae.core.rundir import RUN_FILES, load_checkpoint, prepare_run_dir, save_checkpoint
 
 SMALL = ["--limit", "300", "--val-size", "100", "--epochs", "1", "--batch-size", "50", "--hidden", "64", "--quiet"]
 TINY = dict(z_dim=3, hidden=(32,), batch_size=50, limit=300, val_size=100, validate=True)  # 6 steps per epoch
@@ -358,7 +358,7 @@ def test_disk_errors_are_one_line(tmp_path, capsys, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device", "checkpoint.pt")
 
-    monkeypatch.setattr("pyro_vae.run.torch.save", full)
+    monkeypatch.setattr("pyro_vae.core.rundir.torch.save", full)
     assert main(["train", *SMALL, "--out", str(tmp_path / "r")]) == 1
     assert capsys.readouterr().err.strip() == "pyro-vae: error: No space left on device: checkpoint.pt"
     assert not list((tmp_path / "r").glob(".*.tmp")), "a temporary file was left behind"
@@ -392,7 +392,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
         f.write(b"PK\x03\x04 half a zip file")
         raise KeyboardInterrupt  # as if Ctrl-C (or a kill) came mid-write
 
-    monkeypatch.setattr("pyro_vae.run.torch.save", crash_mid_write)
+    monkeypatch.setattr("pyro_vae.core.rundir.torch.save", crash_mid_write)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, vae, None, config, [{"epoch": 1}, {"epoch": 2}])
     assert path.read_bytes() == before and load_checkpoint(path)["history"] == [{"epoch": 1}]
@@ -433,7 +433,7 @@ def test_overwrite_replaces_the_whole_previous_run(tmp_path):
         (out / name).write_text("old")
     with pytest.raises(ConfigError, match="already holds a run"):
         prepare_run_dir(out)
-    from pyro_vae.run import clear_run_files
+    from pyro_vae.core.rundir import clear_run_files
 
     prepare_run_dir(out, overwrite=True)
     clear_run_files(out)
@@ -593,7 +593,7 @@ def test_resume_checks_the_data_and_the_checkpoint(tmp_path, trained_run):
 
 
 def test_a_second_signal_aborts_at_once_and_handlers_are_restored():
-    from pyro_vae.interrupts import StopSignals
+    from pyro_vae.infer.interrupts import StopSignals
 
     before = signal.getsignal(signal.SIGINT)
     notices = []

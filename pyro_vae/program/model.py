@@ -5,7 +5,7 @@ Generative story, for each image :math:`i = 1, \dots, N`:
 .. math::
 
     z_i &\sim \mathcal{N}(0, I_{d}) \\
-    x_i \mid z_i &\sim \prod_{j=1}^{784} \mathrm{Bernoulli}\big(\sigma(f_\theta(z_i)_j)\big)
+    x_i \mid z_i &\sim \prod_{j=1}^{D} \mathrm{Bernoulli}\big(\sigma(f_\theta(z_i)_j)\big)
     \quad\text{or}\quad \prod_{j} \mathcal{N}\big(\mu_\theta(z_i)_j, \sigma_\theta(z_i)_j^2\big)
 
 The guide is a Gaussian :math:`q(z_i) = \mathcal{N}(\mu_i, \mathrm{diag}\,\sigma_i^2)` per image;
@@ -33,26 +33,12 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from .config import VAEConfig
+from ..core.config import VAEConfig
+from .guides import make_guide
 from .networks import make_decoder
+from .plates import data_plate
 
-__all__ = ["VAE", "data_plate", "X_DIM"]
-
-X_DIM = 28 * 28
-
-
-def data_plate(x: torch.Tensor, idx: Optional[torch.Tensor] = None, num_data: Optional[int] = None):
-    """The plate over images: ``size=num_data`` (default: the batch is all data), ``subsample=idx``.
-
-    ``idx`` are the rows of ``x`` in the full data set; they matter to guides with per-datapoint
-    parameters. Without ``idx`` a minibatch still gets the right ``num_data / B`` scale.
-    """
-    batch = x.shape[0]
-    if num_data is None:
-        num_data = batch
-    if idx is None and num_data != batch:
-        idx = torch.arange(batch, device=x.device)
-    return pyro.plate("data", size=num_data, subsample=idx, dim=-1)
+__all__ = ["VAE", "data_plate"]
 
 
 class VAE(nn.Module):
@@ -63,12 +49,9 @@ class VAE(nn.Module):
     :param int num_data: training images (the mean-field guide holds parameters for each).
     """
 
-    def __init__(
-        self, config: VAEConfig, guide: Optional[nn.Module] = None, x_dim: int = X_DIM, num_data: Optional[int] = None
-    ):
+    def __init__(self, config: VAEConfig, guide: Optional[nn.Module] = None, num_data: Optional[int] = None):
         super().__init__()
-        from .guides import make_guide  # guides import data_plate from here
-
+        x_dim = config.x_dim  # numbers per datum, from config.event_shape (fit sets it from the data)
         self.config = config
         self.x_dim = x_dim
         self.decoder = make_decoder(config.likelihood, config.z_dim, config.hidden, x_dim, config.min_scale)
@@ -79,7 +62,7 @@ class VAE(nn.Module):
     # ------------------------------------------------------------------ the probabilistic program
 
     def model(self, x, idx=None, num_data=None, beta=1.0):
-        """p(x, z) = p(z) p(x|z), vectorised over the images in ``x [B, 784]``."""
+        """p(x, z) = p(z) p(x|z), vectorised over the images in ``x [B, D]``."""
         pyro.module("decoder", self.decoder)
         prior_loc = x.new_zeros(x.shape[0], self.config.z_dim)  # [B, z_dim]
         prior_scale = x.new_ones(x.shape[0], self.config.z_dim)
@@ -95,16 +78,16 @@ class VAE(nn.Module):
     # ------------------------------------------------------------------ helpers
 
     def likelihood(self, z: torch.Tensor) -> dist.Distribution:
-        """p(x|z) with event shape ``[784]``, batched over the leading dims of ``z``."""
+        """p(x|z) with event shape ``[D]``, batched over the leading dims of ``z``."""
         if self.config.likelihood == "bernoulli":
-            logits = self.decoder(z)  # [..., 784]
+            logits = self.decoder(z)  # [..., D]
             # validate_args=False: with --binarize none, grey values in [0, 1] are scored too
             return dist.Bernoulli(logits=logits, validate_args=False).to_event(1)
-        loc, scale = self.decoder(z)  # [..., 784] each
+        loc, scale = self.decoder(z)  # [..., D] each
         return dist.Normal(loc, scale).to_event(1)
 
     def decode_mean(self, z: torch.Tensor) -> torch.Tensor:
-        """E[x|z]: pixel probabilities (Bernoulli) or means (Normal), ``[..., 784]``."""
+        """E[x|z]: pixel probabilities (Bernoulli) or means (Normal), ``[..., D]``."""
         return self.likelihood(z).base_dist.mean
 
     def prior(self, batch: int) -> dist.Distribution:

@@ -19,10 +19,10 @@ from pyro import poutine
 from torch import nn
 from torch.nn import functional as F
 
-from .config import VAEConfig
-from .estimators import baseline_options, non_reparameterized, set_estimator
-from .model import data_plate
+from ..core.config import VAEConfig
 from .networks import Encoder
+from .plates import data_plate
+from .sites import baseline_options, non_reparameterized, set_estimator
 
 __all__ = ["Guide", "AmortizedGuide", "MeanFieldGuide", "SemiAmortizedGuide", "make_guide", "local_elbo", "refine"]
 

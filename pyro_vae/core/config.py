@@ -8,6 +8,8 @@ import typing
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import torch
+
 from .errors import ConfigError
 
 __all__ = [
@@ -35,10 +37,11 @@ class VAEConfig:
     val_size: int = 500  # images held out of the training file for validation
     split_seed: int = 0  # seed of the shuffle that splits train/validation (fixed across runs)
     limit: Optional[int] = None  # keep only this many training images (quick runs)
+    event_shape: Tuple[int, ...] = (1, 28, 28)  # one datum: [C, H, W] image or [D] vector; fit sets it from the data
     # --- model p(x, z) = p(z) p(x|z) ---
     z_dim: int = 20  # dimension of the latent z
     hidden: Tuple[int, ...] = (400,)  # hidden layer widths; encoder uses them, decoder reversed
-    likelihood: str = "bernoulli"  # bernoulli: 784 Bernoulli(logits) | normal: N(mu(z), sigma(z)^2)
+    likelihood: str = "bernoulli"  # bernoulli: one Bernoulli(logits) per pixel | normal: N(mu(z), sigma(z)^2)
     min_scale: float = 1e-2  # lower bound on the Normal decoder's sigma (density cannot blow up)
     # --- variational family q(z|x) ---
     guide: str = "amortized"  # amortized (one shared encoder) | mean-field (free local params) | semi-amortized
@@ -63,6 +66,7 @@ class VAEConfig:
 
     def __post_init__(self):
         self.hidden = tuple(int(h) for h in self.hidden)
+        self.event_shape = tuple(int(d) for d in self.event_shape)
         self.check()
 
     def check(self) -> "VAEConfig":
@@ -88,6 +92,8 @@ class VAEConfig:
         for name in ("z_dim", "batch_size", "epochs", "num_particles"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be a positive integer; got {getattr(self, name)}")
+        if not self.event_shape or min(self.event_shape) < 1 or len(self.event_shape) not in (1, 3):
+            raise ConfigError(f"event_shape must be [C, H, W] or [D] with positive sizes; got {list(self.event_shape)}")
         if not self.hidden or min(self.hidden) < 1:
             raise ConfigError(f"hidden must be positive layer widths, e.g. 400 or 500,500; got {self.hidden}")
         if self.refine_steps < 0:
@@ -112,6 +118,11 @@ class VAEConfig:
             raise ConfigError(f"limit must be a positive integer; got {self.limit}")
         return self
 
+    @property
+    def x_dim(self) -> int:
+        """Numbers in one datum (pixels times channels, or the vector's length)."""
+        return math.prod(self.event_shape)
+
     def beta_at(self, epoch: int) -> float:
         """KL weight for a (0-based) epoch: linear warm-up over ``kl_warmup`` epochs, then ``beta``."""
         if self.kl_warmup <= 0:
@@ -121,6 +132,7 @@ class VAEConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["hidden"] = list(self.hidden)
+        d["event_shape"] = list(self.event_shape)
         return d
 
     @classmethod
@@ -156,3 +168,11 @@ def _type_ok(value, hint) -> bool:
         return isinstance(value, hint)
     except TypeError:  # an annotation isinstance cannot check
         return True
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda requested but CUDA is not available; use --device cpu")
+    return torch.device(name)

@@ -18,7 +18,6 @@ gap is the price of predicting :math:`\lambda_i` with one network instead of opt
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -27,13 +26,16 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .config import GUIDES, VAEConfig
-from .errors import ConfigError
-from .local import LocalFit, fit_local
-from .run import Run, load_run, write_json
-from .train import eval_binarized, fit, load_splits
+from ..core.config import GUIDES, VAEConfig
+from ..core.data import eval_binarized, load_splits
+from ..core.errors import ConfigError
+from ..core.rundir import write_json
+from ..infer.evaluate import evaluate
+from ..infer.local import LocalFit, fit_local
+from ..infer.run import Run, load_run
+from ..infer.svi import fit
 
-__all__ = ["GuideReport", "compare_guides", "QUICK", "add_parser"]
+__all__ = ["GuideReport", "compare_guides", "QUICK",]
 
 # --quick: sizes for tests and notebooks (about a minute on 2 cores)
 QUICK = dict(epochs=5, train_limit=1000, limit=100, iwae_k=100, local_steps=200)
@@ -75,8 +77,6 @@ def _paired(a: torch.Tensor, b: torch.Tensor):
 def gap_report(run: Run, x: torch.Tensor, *, iwae_k: int, local_steps: int, star_steps: int, seed: int = 0,
                train_seconds: Optional[float] = None, progress: bool = False):
     """Evaluate one trained run on held-out images ``x``; return ``(GuideReport, curves)``."""
-    from .evaluate import evaluate
-
     vae = run.vae
     amortized = vae.inference.amortized
     if amortized:  # the guide's own q: its encoder (semi-amortized: refined) output
@@ -222,60 +222,3 @@ def to_markdown(result: dict) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
-def add_parser(sub) -> None:
-    from .cli import add_data_flags
-
-    p = sub.add_parser("compare-guides", help="train one VAE per guide and measure the inference gaps")
-    add_data_flags(p)
-    p.add_argument("--epochs", type=int, help="training epochs per guide (default 100; --quick 5)")
-    p.add_argument("--guides", default=",".join(GUIDES), help="comma-separated, default: all three")
-    p.add_argument("--runs", nargs="+", metavar="RUN_DIR", help="compare existing run folders instead of training")
-    p.add_argument("--refine-steps", type=int, help="semi-amortized refinement steps (default 5)")
-    p.add_argument("--local-steps", type=int, help="mean-field's own local fit on new images (default 300)")
-    p.add_argument("--star-steps", type=int, help="local fit steps for q* (default 1000)")
-    p.add_argument("--iwae-k", type=int, help="IWAE samples for log p(x) (default 1000)")
-    p.add_argument("--eval-limit", type=int, dest="eval_limit", help="held-out images evaluated (default 500)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="tiny sizes for tests and notebooks")
-    p.add_argument("--out", default="runs/compare-guides", help="output folder (default runs/compare-guides)")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    p.set_defaults(func=_main)
-
-
-def _main(args) -> int:
-    quick = QUICK if args.quick else {}
-    pick = lambda value, key, default: value if value is not None else quick.get(key, default)  # noqa: E731
-    settings = dict(
-        epochs=pick(args.epochs, "epochs", 100),
-        seed=args.seed,
-        limit=pick(args.limit, "train_limit", None),
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        binarize=args.binarize,
-    )
-    if args.refine_steps is not None:
-        settings["refine_steps"] = args.refine_steps
-    config = VAEConfig(**settings)
-    for name in ("epochs", "local_steps", "star_steps", "iwae_k", "eval_limit"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer; got {value}")
-    guides = [g.strip() for g in args.guides.split(",") if g.strip()]
-    log = (lambda s: None) if args.json else print
-    result = compare_guides(
-        config,
-        guides,
-        runs=args.runs,
-        limit=pick(args.eval_limit, "limit", 500),
-        iwae_k=pick(args.iwae_k, "iwae_k", 1000),
-        local_steps=pick(args.local_steps, "local_steps", 300),
-        star_steps=pick(args.star_steps, "local_steps", 1000),
-        out=args.out,
-        log=log,
-    )
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(to_markdown(result))
-        print(f"written: {Path(args.out) / 'comparison.md'}, comparison.json, local_fit.png")
-    return 0

@@ -8,20 +8,23 @@ import matplotlib.pyplot as plt
 import torch
 from torchvision.utils import make_grid
 
-__all__ = ["plot_elbo", "plot_reconstructions", "plot_samples", "plot_latent", "plot_manifold", "save_figures"]
+from ..infer.callbacks import Callback
+
+__all__ = ["plot_elbo", "plot_reconstructions", "plot_samples", "plot_latent", "plot_manifold", "save_figures",
+           "SaveFigures"]
 
 DPI = 80
 
 
-def _images(flat: torch.Tensor, nrow: int) -> torch.Tensor:
-    """``[B, 784]`` -> a ``[H, W]`` grid image for ``imshow``."""
-    grid = make_grid(flat.detach().cpu().reshape(-1, 1, 28, 28), nrow=nrow, padding=2, pad_value=1.0)
-    return grid[0].numpy()
+def _images(flat: torch.Tensor, nrow: int, event_shape) -> torch.Tensor:
+    """``[B, C*H*W]`` -> a grid image for ``imshow``: ``[H', W']`` (grey) or ``[H', W', 3]`` (colour)."""
+    grid = make_grid(flat.detach().cpu().reshape(-1, *event_shape), nrow=nrow, padding=2, pad_value=1.0)
+    return grid[0].numpy() if event_shape[0] == 1 else grid.permute(1, 2, 0).clamp(0, 1).numpy()
 
 
 def _show(grid: torch.Tensor, title: str, size=(6, 6)):
     fig, ax = plt.subplots(figsize=size)
-    ax.imshow(grid, cmap="gray_r", vmin=0, vmax=1)
+    ax.imshow(grid, cmap="gray_r" if grid.ndim == 2 else None, vmin=0, vmax=1)
     ax.set_axis_off()
     ax.set_title(title)
     fig.tight_layout()
@@ -47,11 +50,12 @@ def plot_reconstructions(run, x: torch.Tensor, n: int = 10):
     x = x[: 2 * n]
     recon = run.reconstruct(x).cpu()
     rows = [t for i in range(0, len(x), n) for t in (x[i : i + n].cpu(), recon[i : i + n])]
-    return _show(_images(torch.cat(rows), nrow=n), "originals (odd rows) / reconstructions (even rows)", (6, 0.65 * len(rows) + 0.5))
+    grid = _images(torch.cat(rows), n, run.config.event_shape)
+    return _show(grid, "originals (odd rows) / reconstructions (even rows)", (6, 0.65 * len(rows) + 0.5))
 
 
 def plot_samples(run, n: int = 64, seed: int = 0):
-    return _show(_images(run.sample(n, seed=seed), nrow=8), "decoded samples z ~ N(0, I)")
+    return _show(_images(run.sample(n, seed=seed), 8, run.config.event_shape), "decoded samples z ~ N(0, I)")
 
 
 @torch.no_grad()
@@ -86,23 +90,34 @@ def plot_manifold(run, n: int = 15, span: float = 2.5):
     t = torch.linspace(-span, span, n)
     z = torch.stack(torch.meshgrid(-t, t, indexing="ij")[::-1], -1).reshape(-1, 2)  # rows: z[1] high to low
     images = run.vae.decode_mean(z.to(run.device))
-    return _show(_images(images, nrow=n), f"decoded grid over z in [-{span}, {span}]^2", (7, 7))
+    return _show(_images(images, n, run.config.event_shape), f"decoded grid over z in [-{span}, {span}]^2", (7, 7))
 
 
 def save_figures(run, data) -> None:
     """Write ``elbo.png``, ``reconstructions.png``, ``samples.png``, ``latent.png`` (and
-    ``manifold.png`` when z_dim = 2) into the run folder, using ``data`` for images."""
+    ``manifold.png`` when z_dim = 2) into the run folder, using ``data`` for images. Data that
+    are plain vectors (``event_shape`` ``[D]``) get the ELBO curve and the latent plot only."""
     out = Path(run.path)
     n = 2000 if run.vae.inference.amortized else 500  # guides without an encoder fit each image
     x = data.images[:n]
     figures = {
         "elbo.png": plot_elbo(run.history),
-        "reconstructions.png": plot_reconstructions(run, x),
-        "samples.png": plot_samples(run),
         "latent.png": plot_latent(run, x, None if data.labels is None else data.labels[:n]),
     }
-    if run.config.z_dim == 2:
-        figures["manifold.png"] = plot_manifold(run)
+    if len(run.config.event_shape) == 3:  # images
+        figures["reconstructions.png"] = plot_reconstructions(run, x)
+        figures["samples.png"] = plot_samples(run)
+        if run.config.z_dim == 2:
+            figures["manifold.png"] = plot_manifold(run)
     for name, fig in figures.items():
         fig.savefig(out / name, dpi=DPI)
         plt.close(fig)
+
+
+class SaveFigures(Callback):
+    """Draw :func:`save_figures` into the run folder when training ends (``pyro-vae train`` uses
+    it), from the validation images (the training images when there are none)."""
+
+    def on_train_end(self, trainer) -> None:
+        if trainer.folder is not None:
+            save_figures(trainer.run, trainer.val_data if trainer.val_data is not None else trainer.train_data)

@@ -15,7 +15,7 @@ For a minibatch of :math:`B` of :math:`N` images and one reparameterized draw
 
 This is exactly what Pyro's ELBOs compute for this model (the plate's :math:`N/B` scale,
 ``poutine.scale``'s :math:`\beta` on the latent site), with the same random draws, so losses and
-gradients agree to float precision (``tests/test_fused.py``; :func:`check_fused` repeats the check
+gradients agree to float precision (``tests/test_fused.py``; :func:`~pyro_vae.infer.objectives.check_fused` repeats the check
 on the first minibatch of every run). What it saves is Pyro's per-step bookkeeping: building two
 traces, ``pyro.module`` registrations, the plate and scale messengers, which cost about as much as
 the small networks' arithmetic. Only the plain case is fused: reparameterized Normal guide, one
@@ -30,9 +30,9 @@ import torch
 from torch.distributions import kl_divergence
 from torch.nn import functional as F
 
-from .config import VAEConfig
+from ..core.config import VAEConfig
 
-__all__ = ["fused_available", "fused_elbo_loss", "check_fused"]
+__all__ = ["fused_available", "fused_elbo_loss"]
 
 
 def fused_available(config: VAEConfig) -> bool:
@@ -71,16 +71,3 @@ def fused_elbo_loss(vae, x, idx: Optional[torch.Tensor] = None, num_data: Option
     return -(log_px_sum + beta * latent.sum()) * scale_n
 
 
-def check_fused(vae, config: VAEConfig, x, idx, num_data, beta: float = 1.0, rtol: float = 1e-4) -> None:
-    """Compare :func:`fused_elbo_loss` with the Pyro ELBO on one minibatch (same seed); raise
-    ``RuntimeError`` if they differ, e.g. after a change to the model that the fused path lacks."""
-    from .train import make_elbo
-
-    devices = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        torch.manual_seed(0)
-        reference = make_elbo(config).loss(vae.model, vae.guide, x, idx, num_data=num_data, beta=beta)
-        torch.manual_seed(0)
-        fused = fused_elbo_loss(vae, x, idx, num_data, beta, analytic_kl=config.elbo == "meanfield").item()
-    if abs(fused - reference) > rtol * abs(reference) + 1e-3:
-        raise RuntimeError(f"fused ELBO {fused} differs from Pyro's {reference}: run with fused=False")

@@ -23,7 +23,7 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 from tqdm import tqdm
 
-from .guides import MeanFieldGuide
+from ..program.guides import MeanFieldGuide
 
 __all__ = ["LocalFit", "fit_local", "frozen"]
 

@@ -1,4 +1,4 @@
-"""A trained VAE and its run folder: ``config.json``, ``history.json``, ``checkpoint.pt``, figures.
+"""Run folders and checkpoints: ``config.json``, ``history.json``, ``checkpoint.pt``, figures.
 
 Checkpoints hold only tensors and plain Python values, so they load with
 ``torch.load(..., weights_only=True)``: a checkpoint from elsewhere cannot run code on load.
@@ -16,82 +16,39 @@ import os
 import random
 import re
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import numpy as np
+import pyro
 import torch
 
 from .config import VAEConfig
 from .errors import CheckpointError, ConfigError, PyroVAEError
 
 __all__ = [
-    "Run",
-    "load_run",
-    "save_checkpoint",
-    "load_checkpoint",
-    "prepare_run_dir",
-    "clear_run_files",
-    "check_resumable",
-    "rng_state",
-    "set_rng_state",
-    "extra_params",
-    "write_json",
-    "RUN_FILES",
-    "RESUME_MAY_CHANGE",
+    "save_checkpoint", "load_checkpoint", "prepare_run_dir", "clear_run_files", "check_resumable", "rng_state",
+    "set_rng_state", "extra_params", "write_json", "atomic_write", "RUN_FILES", "FIGURE_FILES", "RESUME_MAY_CHANGE",
 ]
 
 CHECKPOINT_FORMAT = "pyro-vae/1"
+
+
 RUN_FILES = ("config.json", "history.json", "checkpoint.pt")  # what makes a folder a run
+
+
 FIGURE_FILES = ("elbo.png", "reconstructions.png", "samples.png", "latent.png", "manifold.png")
+
+
 RESUME_MAY_CHANGE = ("epochs", "device", "validate", "on_nonfinite")  # all else must match to resume
-
-
-@dataclass
-class Run:
-    """A VAE with its config and training history; the object notebooks work with."""
-
-    config: VAEConfig
-    vae: "torch.nn.Module"  # pyro_vae.model.VAE
-    history: List[dict] = field(default_factory=list)
-    path: Optional[Path] = None  # run folder, if written
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.vae.parameters()).device
-
-    def encode(self, x: torch.Tensor, local_steps: int = 300):
-        """``(loc, scale)`` of q(z|x) for images ``x [B, 784]``: the guide's encoder, or for guides
-        without one (mean-field) a :func:`~pyro_vae.local.fit_local` of ``local_steps`` steps."""
-        x = x.to(self.device)
-        if not self.vae.inference.amortized:
-            from .local import fit_local
-
-            fit = fit_local(self.vae, x, steps=local_steps, init="zero")
-            return fit.loc, fit.scale
-        with torch.no_grad():
-            return self.vae.inference.posterior(x)
-
-    @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """E[x | z = posterior mean of q(z|x)]: pixel probabilities/means ``[B, 784]``."""
-        loc, _ = self.encode(x)
-        return self.vae.decode_mean(loc)
-
-    @torch.no_grad()
-    def sample(self, n: int, seed: Optional[int] = None) -> torch.Tensor:
-        """Decoded prior samples: E[x|z] for ``z ~ N(0, I)``, ``[n, 784]``."""
-        g = torch.Generator().manual_seed(seed) if seed is not None else None
-        z = torch.randn(n, self.config.z_dim, generator=g).to(self.device)
-        return self.vae.decode_mean(z)
+FROM_DATA = ("event_shape",)  # set from the data by fit (the data fingerprint is checked instead)
 
 
 def write_json(path: Path, obj) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write to a temporary file in the same folder, then rename: never a half-written file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -198,13 +155,12 @@ def save_checkpoint(
         "data": data,
         "param_store": extra_params(vae),
     }
-    _atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def extra_params(vae) -> dict:
     """Pyro param-store entries that are not parameters of ``vae`` (say, the running averages of
     ``TraceGraph_ELBO``'s decaying-average baselines): saved so a resumed run has them too."""
-    import pyro
 
     mine = {id(p) for p in vae.parameters()}
     store = pyro.get_param_store()
@@ -254,7 +210,7 @@ def check_resumable(state: dict, config: VAEConfig, path="checkpoint.pt") -> VAE
     except (PyroVAEError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: the checkpoint's config is invalid ({str(e).splitlines()[0]})") from None
     mine, theirs = config.to_dict(), saved.to_dict()
-    differ = [k for k in mine if k not in RESUME_MAY_CHANGE and mine[k] != theirs.get(k)]
+    differ = [k for k in mine if k not in RESUME_MAY_CHANGE + FROM_DATA and mine[k] != theirs.get(k)]
     if differ:
         shown = ", ".join(f"{k}={theirs.get(k)!r} (asked: {mine[k]!r})" for k in differ)
         raise ConfigError(
@@ -265,44 +221,3 @@ def check_resumable(state: dict, config: VAEConfig, path="checkpoint.pt") -> VAE
     if config.epochs < done or (config.epochs == done and state.get("progress")):
         raise ConfigError(f"--resume: the run already has {done} epoch(s); --epochs {config.epochs} cannot continue it")
     return saved
-
-
-def _check_shapes(config: VAEConfig, model: dict, num_data: Optional[int]) -> None:
-    """Compare the tensor shapes ``config`` implies with the checkpoint's before allocating
-    anything: a crafted config (say ``hidden=[10**9]``) cannot make loading exhaust memory."""
-    from .model import VAE
-
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in VAE(config, num_data=num_data).state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in model.items()}
-    for k in sorted(set(expected) | set(found)):
-        if expected.get(k) != found.get(k):
-            raise CheckpointError(
-                f"tensor shapes differ: {k} is {found.get(k, 'missing')} in the file, "
-                f"{expected.get(k, 'absent')} by the config"
-            )
-
-
-def load_run(path, device="cpu") -> Run:
-    """Load a run folder (or a ``checkpoint.pt`` path) into a :class:`Run`."""
-    from .model import VAE
-
-    path = Path(path)
-    ckpt = path / "checkpoint.pt" if path.is_dir() else path
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such run folder or checkpoint")
-    if path.is_dir() and not ckpt.exists():
-        raise CheckpointError(
-            f"{path}: not a run folder (no checkpoint.pt); train one with pyro-vae train --out {path}"
-        )
-    state = load_checkpoint(ckpt)
-    try:
-        config = VAEConfig.from_dict(state["config"])
-        local = state["model"].get("inference.local.weight")  # mean-field: one row per image
-        num_data = None if local is None else local.shape[0]
-        _check_shapes(config, state["model"], num_data)
-        vae = VAE(config, num_data=num_data)
-        vae.load_state_dict(state["model"])
-    except (PyroVAEError, KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{ckpt}: checkpoint does not match its config ({str(e).splitlines()[0]})") from None
-    return Run(config, vae.to(device).eval(), list(state.get("history", [])), ckpt.parent)

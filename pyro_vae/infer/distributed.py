@@ -58,7 +58,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError, PyroVAEError
+from ..core.errors import ConfigError, PyroVAEError
 
 __all__ = ["under_torchrun", "init", "shutdown", "shard", "DataParallel"]
 

@@ -30,8 +30,6 @@ are computed from the model's own distributions (:meth:`~pyro_vae.model.VAE.like
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,12 +39,14 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
-from torch.nn import functional as F
 from torch.distributions import kl_divergence
+from torch.nn import functional as F
 from tqdm import tqdm
 
-from .datasets import EMBEDDED_DIR, ImageData, load_dataset
-from .errors import ConfigError
+from ..core.data import EMBEDDED_DIR, ImageData, eval_binarized, load_dataset
+from ..core.errors import ConfigError
+from .local import fit_local
+from .run import Run, load_run
 
 __all__ = [
     "EvalResult",
@@ -57,7 +57,6 @@ __all__ = [
     "evaluate",
     "default_split",
     "load_eval_data",
-    "add_parser",
 ]
 
 #: decoder rows (samples x images) per forward pass when ``chunk_k`` is not given: large enough
@@ -304,8 +303,6 @@ def _encoder_posterior(vae, local_steps: int = 300, seed: int = 0) -> Posterior:
     if guide is None:
         raise ConfigError(f"{type(vae).__name__} has no guide to give q(z|x); pass posterior=(x, idx) -> (loc, scale)")
     if not getattr(guide, "amortized", True):
-        from .local import fit_local
-
         def local_posterior(x, idx):
             fit = fit_local(vae, x, steps=local_steps, init="zero", lr=5e-2, seed=seed)
             return fit.loc, fit.scale
@@ -344,21 +341,18 @@ def evaluate(
     :param vae_or_run: a :class:`~pyro_vae.run.Run`, a run folder, or a :class:`~pyro_vae.model.VAE`.
     :param images: an :class:`~pyro_vae.datasets.ImageData` (scored as
         :func:`~pyro_vae.train.eval_binarized` makes it: one fixed binarization) or a tensor
-        ``[N, 784]`` scored as it is.
+        ``[N, D]`` scored as it is.
     :param iwae_k: importance samples per image for the IWAE bound (Burda et al.: 5000).
     :param elbo_samples: draws of z per image for the ELBO's reconstruction term.
     :param batch_size: images per batch (the results do not depend on it).
     :param seed: seed of all draws; image ``i``'s draws depend only on ``(seed, i)``.
-    :param posterior: ``(x [B, 784], idx [B]) -> (loc, scale)``, each ``[B, z_dim]``: q for these
+    :param posterior: ``(x [B, D], idx [B]) -> (loc, scale)``, each ``[B, z_dim]``: q for these
         images (``idx``: their rows in ``images``), e.g. a per-image fit for guides without an
         encoder. Called with gradients enabled as the caller has them; its outputs are detached.
         Default: the guide's ``posterior(x, idx)`` (amortized guides), under ``torch.no_grad``.
     :param progress: show a progress bar (on stderr).
     :param chunk_k: samples per decoder call (see :func:`iwae_bound`).
     """
-    from .run import Run, load_run
-    from .train import eval_binarized
-
     for name, value in (("iwae_k", iwae_k), ("elbo_samples", elbo_samples), ("batch_size", batch_size)):
         if int(value) < 1:
             raise ConfigError(f"{name} must be a positive integer; got {value}")
@@ -372,21 +366,48 @@ def evaluate(
 
     if isinstance(images, ImageData):
         meta = dict(dataset=images.name, split=images.split, binarize=images.binarize)
-        x_all = eval_binarized(images)  # [N, 784], one seeded binarization
+        x_all = eval_binarized(images)  # [N, D], one seeded binarization
     else:
         meta = dict(dataset=None, split=None, binarize=None)
         x_all = torch.as_tensor(images)
     if x_all.ndim != 2 or len(x_all) == 0:
         raise ConfigError(f"images must be a non-empty [N, D] batch; got shape {tuple(x_all.shape)}")
-    params = next(iter(vae.parameters()), None) if hasattr(vae, "parameters") else None
-    device, dtype = (params.device, params.dtype) if params is not None else (x_all.device, x_all.dtype)
     if posterior is None:
         posterior = _encoder_posterior(vae, seed=seed)
     likelihood = getattr(config, "likelihood", None)
 
+    start = time.perf_counter()
+    values = _score_images(vae, x_all, posterior, iwae_k, elbo_samples, batch_size, seed, chunk_k, progress)
+    locs, n = values.pop("loc"), len(x_all)
+    au, variances = active_units(locs) if n > 1 else (None, torch.zeros(locs.shape[-1]))
+    summaries = {}  # elbo, elbo_se, iwae, iwae_se, kl, kl_se, reconstruction, reconstruction_se
+    for key in ("elbo", "iwae", "kl", "reconstruction"):
+        summaries[key], summaries[f"{key}_se"] = _summary(values[key])
+    return EvalResult(
+        **summaries,
+        iwae_k=int(iwae_k),
+        active_units=au,
+        z_dim=int(locs.shape[-1]),
+        latent_variance=[float(v) for v in variances],
+        n=n,
+        elbo_samples=int(elbo_samples),
+        seed=int(seed),
+        likelihood=likelihood,
+        guide=getattr(config, "guide", None),
+        run=str(run.path) if run is not None and run.path is not None else None,
+        seconds=time.perf_counter() - start,
+        note=_note(meta["binarize"], likelihood),
+        per_image=values,
+        **meta,
+    )
+
+
+def _score_images(vae, x_all, posterior: Posterior, iwae_k, elbo_samples, batch_size, seed, chunk_k, progress):
+    """Per-image ``elbo``, ``reconstruction``, ``kl``, ``iwae`` (``[n]`` each) and ``loc`` (``[n, z_dim]``)."""
+    params = next(iter(vae.parameters()), None) if hasattr(vae, "parameters") else None
+    device, dtype = (params.device, params.dtype) if params is not None else (x_all.device, x_all.dtype)
     n = len(x_all)
     per_image: Dict[str, List[torch.Tensor]] = {"elbo": [], "reconstruction": [], "kl": [], "iwae": [], "loc": []}
-    start = time.perf_counter()
     bar = tqdm(total=n, unit="img", desc=f"evaluate (k={iwae_k})", disable=not progress, leave=False)
     for idx in torch.arange(n).split(batch_size):
         x = x_all[idx].to(device=device, dtype=dtype)  # [B, D]
@@ -403,38 +424,7 @@ def evaluate(
             per_image[key].append(value.cpu())
         bar.update(len(idx))
     bar.close()
-
-    values = {key: torch.cat(parts) for key, parts in per_image.items()}  # [n] each; loc [n, z_dim]
-    locs = values.pop("loc")
-    au, variances = active_units(locs) if n > 1 else (None, torch.zeros(locs.shape[-1]))
-    elbo, elbo_se = _summary(values["elbo"])
-    iwae, iwae_se = _summary(values["iwae"])
-    kl, kl_se = _summary(values["kl"])
-    rec, rec_se = _summary(values["reconstruction"])
-    return EvalResult(
-        elbo=elbo,
-        elbo_se=elbo_se,
-        iwae=iwae,
-        iwae_se=iwae_se,
-        iwae_k=int(iwae_k),
-        kl=kl,
-        kl_se=kl_se,
-        reconstruction=rec,
-        reconstruction_se=rec_se,
-        active_units=au,
-        z_dim=int(locs.shape[-1]),
-        latent_variance=[float(v) for v in variances],
-        n=n,
-        elbo_samples=int(elbo_samples),
-        seed=int(seed),
-        likelihood=likelihood,
-        guide=getattr(config, "guide", None),
-        run=str(run.path) if run is not None and run.path is not None else None,
-        seconds=time.perf_counter() - start,
-        note=_note(meta["binarize"], likelihood),
-        per_image=values,
-        **meta,
-    )
+    return {key: torch.cat(parts) for key, parts in per_image.items()}
 
 
 # ----------------------------------------------------------------------------- data and CLI
@@ -482,53 +472,3 @@ def load_eval_data(
     )
 
 
-def add_parser(sub) -> None:
-    """The ``pyro-vae evaluate`` subcommand (``sub``: the CLI's subparsers)."""
-    from .cli import add_data_flags
-    from .config import DEVICES
-    from .datasets import SPLITS
-
-    p = sub.add_parser(
-        "evaluate",
-        help="test ELBO, IWAE bound (log-likelihood) and active units of a trained run",
-        description="Evaluate a run: ELBO, importance-weighted bound (k samples) and active units, in nats per "
-        "image. Data flags left out are the run's own (its config.json).",
-    )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by pyro-vae train")
-    add_data_flags(p, defaults=False)
-    p.add_argument(
-        "--split",
-        choices=SPLITS,
-        help="default: test where the data has one (t10k file), else val (mnist-5k has no test split)",
-    )
-    e = p.add_argument_group("evaluation")
-    e.add_argument("--iwae-k", type=int, default=5000, metavar="K", help="importance samples per image (default 5000)")
-    e.add_argument("--elbo-samples", type=int, default=100, metavar="S", help="z draws per image for the ELBO (default 100)")
-    e.add_argument("--batch-size", type=int, default=100, help="images per batch (default 100; results do not depend on it)")
-    e.add_argument("--seed", type=int, default=0, help="seed of the z draws (default 0)")
-    e.add_argument("--device", choices=DEVICES, default="auto", help="auto (cuda if available) | cpu | cuda")
-    o = p.add_argument_group("output")
-    o.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
-    o.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_evaluate_cli)
-
-
-def _evaluate_cli(args: argparse.Namespace) -> int:
-    from .run import load_run
-    from .train import resolve_device
-
-    run = load_run(args.run_dir, device=resolve_device(args.device))
-    data = load_eval_data(
-        run.config, args.split, dataset=args.dataset, data_dir=args.data_dir, binarize=args.binarize, limit=args.limit
-    )
-    result = evaluate(
-        run,
-        data,
-        iwae_k=args.iwae_k,
-        elbo_samples=args.elbo_samples,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        progress=not args.quiet,
-    )
-    print(json.dumps(result.to_dict()) if args.json else result.table())
-    return 0

@@ -1,8 +1,11 @@
 """Images for the VAE: the embedded MNIST-5k subset, torchvision's MNIST/Fashion-MNIST, or any
 folder of MNIST-format IDX files; train/validation/test splits and binarization.
 
-Images are returned flattened, as one float tensor ``[N, 784]`` with values in ``[0, 1]``: the
-whole data set lives in memory (on the training device) and minibatches are rows picked by index.
+Images are returned flattened, as one float tensor ``[N, D]`` with values in ``[0, 1]``, with the
+shape of one image (``event_shape``, ``[C, H, W]``; ``[D]`` for plain vectors) beside it: the whole
+data set lives in memory (on the training device) and minibatches are rows picked by index.
+Networks, plots, evaluation and the fused loss take the shape from the data (through
+``VAEConfig.event_shape``, which :func:`~pyro_vae.infer.svi.fit` sets from the training data).
 """
 
 from __future__ import annotations
@@ -16,15 +19,19 @@ import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 
+from .config import VAEConfig
 from .errors import ConfigError, DataError, IDXError
 
 __all__ = [
     "ImageData",
+    "load_splits",
+    "eval_binarized",
+    "check_images",
     "load_dataset",
     "read_idx",
     "write_idx",
@@ -44,25 +51,26 @@ MAX_IDX_DIMS = 32  # numpy's limit on array dimensions (IDX itself allows 255)
 
 @dataclass
 class ImageData:
-    """A split of an image data set, flattened: ``images`` is ``[N, H*W]`` in ``[0, 1]``."""
+    """A split of an image data set, flattened: ``images`` is ``[N, D]`` in ``[0, 1]``, where
+    ``D`` is the product of ``event_shape``."""
 
-    images: torch.Tensor  # [N, 784] float32 in [0, 1]
+    images: torch.Tensor  # [N, D] float32 in [0, 1]
     labels: Optional[torch.Tensor]  # [N] int64, or None when the folder has no labels
     name: str  # data set name or folder, for reports
     split: str  # train | val | test
     binarize: str  # how pixels become {0, 1}: dynamic | static | none
-    shape: tuple = (28, 28)  # image height, width
+    event_shape: Tuple[int, ...] = (1, 28, 28)  # one datum: [C, H, W] image or [D] vector
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def to(self, device) -> "ImageData":
         labels = None if self.labels is None else self.labels.to(device)
-        return ImageData(self.images.to(device), labels, self.name, self.split, self.binarize, self.shape)
+        return ImageData(self.images.to(device), labels, self.name, self.split, self.binarize, self.event_shape)
 
     def subset(self, n: int) -> "ImageData":
         labels = None if self.labels is None else self.labels[:n]
-        return ImageData(self.images[:n], labels, self.name, self.split, self.binarize, self.shape)
+        return ImageData(self.images[:n], labels, self.name, self.split, self.binarize, self.event_shape)
 
     def describe(self) -> str:
         return f"{self.name} {self.split} ({len(self)} images, binarize={self.binarize})"
@@ -193,7 +201,7 @@ def _read_pair(folder: Path, prefix: str, need_labels: bool):
         labels = torch.as_tensor(raw.astype(np.int64))
     elif need_labels:
         raise DataError(f"{folder}: no {prefix}-labels-idx1-ubyte[.gz] file")
-    return pixels.reshape(len(pixels), -1), labels
+    return pixels.reshape(len(pixels), -1), labels, (1, *images.shape[1:])
 
 
 def _torchvision_folder(name: str, train: bool) -> Path:
@@ -262,7 +270,7 @@ def load_dataset(
             f"{folder}: no {prefix}-images-idx3-ubyte[.gz] file "
             f"(needed for the {split} split; the folder holds {_listing(folder)})"
         )
-    images, labels = pair
+    images, labels, event_shape = pair
     if split != "test":
         n = len(images)
         if val_size >= n:
@@ -280,7 +288,7 @@ def load_dataset(
         raise ConfigError(f"binarize must be dynamic, static or none; got {binarize!r}")
     if binarize == "static":
         images = torch.bernoulli(images, generator=torch.Generator().manual_seed(split_seed + 1))
-    return ImageData(images.contiguous(), labels, name, split, binarize)
+    return ImageData(images.contiguous(), labels, name, split, binarize, event_shape)
 
 
 def _listing(folder: Path) -> str:
@@ -291,3 +299,45 @@ def _listing(folder: Path) -> str:
     if not names:
         return "no files"
     return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+
+
+def load_splits(config: VAEConfig):
+    """``(train, val)`` :class:`ImageData` as the config describes (val is ``None`` if val_size=0)."""
+    common = dict(
+        data_dir=config.data_dir,
+        val_size=config.val_size,
+        split_seed=config.split_seed,
+        binarize=config.binarize,
+    )
+    train = load_dataset(config.dataset, "train", limit=config.limit, **common)
+    val = load_dataset(config.dataset, "val", **common) if config.val_size > 0 else None
+    return train, val
+
+
+def eval_binarized(data: ImageData, seed: int = 0) -> torch.Tensor:
+    """The images as evaluation scores them: one fixed, seeded binarization (or grey if none)."""
+    if data.binarize != "dynamic":
+        return data.images
+    g = torch.Generator().manual_seed(seed)
+    return torch.bernoulli(data.images.cpu(), generator=g).to(data.images.device)
+
+
+def check_images(data: ImageData, config: VAEConfig) -> None:
+    """:class:`DataError` unless ``data`` is ``[N, D]`` with ``D`` the size of its ``event_shape``,
+    finite and, where pixels are read as probabilities of ink (Bernoulli likelihood or any
+    binarization), within ``[0, 1]``.
+
+    Out-of-range values are rejected, not clipped: they mean the data was scaled wrongly.
+    """
+    x, size = data.images, math.prod(data.event_shape)
+    if x.ndim != 2 or x.shape[1] != size:
+        shape = "x".join(map(str, data.event_shape))
+        raise DataError(f"{data.describe()}: images must be flattened {shape}, [N, {size}]; got {list(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise DataError(f"{data.describe()}: images contain NaN or infinite values")
+    if config.likelihood == "bernoulli" or data.binarize != "none":
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 1:
+            raise DataError(
+                f"{data.describe()}: pixel values must lie in [0, 1] (probabilities of ink); found [{lo:g}, {hi:g}]"
+            )

@@ -1,0 +1,69 @@
+"""``pyro-vae compare-guides``: one model per guide, and the gaps each leaves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..core.config import GUIDES, VAEConfig
+from ..core.errors import ConfigError
+from ..experiments.compare import QUICK, compare_guides, to_markdown
+from .flags import add_data_flags
+
+
+def add_parser(sub) -> None:
+
+    p = sub.add_parser("compare-guides", help="train one VAE per guide and measure the inference gaps")
+    add_data_flags(p)
+    p.add_argument("--epochs", type=int, help="training epochs per guide (default 100; --quick 5)")
+    p.add_argument("--guides", default=",".join(GUIDES), help="comma-separated, default: all three")
+    p.add_argument("--runs", nargs="+", metavar="RUN_DIR", help="compare existing run folders instead of training")
+    p.add_argument("--refine-steps", type=int, help="semi-amortized refinement steps (default 5)")
+    p.add_argument("--local-steps", type=int, help="mean-field's own local fit on new images (default 300)")
+    p.add_argument("--star-steps", type=int, help="local fit steps for q* (default 1000)")
+    p.add_argument("--iwae-k", type=int, help="IWAE samples for log p(x) (default 1000)")
+    p.add_argument("--eval-limit", type=int, dest="eval_limit", help="held-out images evaluated (default 500)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny sizes for tests and notebooks")
+    p.add_argument("--out", default="runs/compare-guides", help="output folder (default runs/compare-guides)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    quick = QUICK if args.quick else {}
+    pick = lambda value, key, default: value if value is not None else quick.get(key, default)  # noqa: E731
+    settings = dict(
+        epochs=pick(args.epochs, "epochs", 100),
+        seed=args.seed,
+        limit=pick(args.limit, "train_limit", None),
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        binarize=args.binarize,
+    )
+    if args.refine_steps is not None:
+        settings["refine_steps"] = args.refine_steps
+    config = VAEConfig(**settings)
+    for name in ("epochs", "local_steps", "star_steps", "iwae_k", "eval_limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer; got {value}")
+    guides = [g.strip() for g in args.guides.split(",") if g.strip()]
+    log = (lambda s: None) if args.json else print
+    result = compare_guides(
+        config,
+        guides,
+        runs=args.runs,
+        limit=pick(args.eval_limit, "limit", 500),
+        iwae_k=pick(args.iwae_k, "iwae_k", 1000),
+        local_steps=pick(args.local_steps, "local_steps", 300),
+        star_steps=pick(args.star_steps, "local_steps", 1000),
+        out=args.out,
+        log=log,
+    )
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(to_markdown(result))
+        print(f"written: {Path(args.out) / 'comparison.md'}, comparison.json, local_fit.png")
+    return 0

@@ -1,0 +1,45 @@
+"""Flags shared by several commands, and the parser that makes usage errors one line."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..core.config import BINARIZATIONS, DATASETS, VAEConfig
+
+__all__ = ["Parser", "add_data_flags", "config_from_args", "hidden_widths"]
+
+def hidden_widths(text: str):
+    try:
+        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected widths like 400 or 500,500, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive widths like 400 or 500,500, got {text!r}")
+    return sizes
+
+
+def add_data_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """``--dataset``, ``--data-dir``, ``--binarize``, ``--limit`` (shared by every command).
+
+    With ``defaults=False`` unset flags stay ``None`` (commands on a run folder fall back to the
+    run's own data settings)."""
+    d = VAEConfig() if defaults else None
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=DATASETS, default=d and d.dataset, help="data set (default: the embedded mnist-5k)")
+    g.add_argument("--data-dir", metavar="DIR", help="folder of MNIST-format IDX files (train-*/t10k-*), replaces --dataset")
+    g.add_argument("--binarize", choices=BINARIZATIONS, default=d and d.binarize, help="dynamic (default) | static | none")
+    g.add_argument("--limit", type=int, metavar="N", help="use only the first N images")
+
+
+def config_from_args(args, **overrides) -> VAEConfig:
+    fields = VAEConfig.__dataclass_fields__
+    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    values.update(overrides)
+    return VAEConfig(**values)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit code 2), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

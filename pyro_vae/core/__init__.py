@@ -1,0 +1,1 @@
+"""Foundations: configuration, data, run folders and checkpoints, errors. Imports nothing above."""

@@ -1,0 +1,1 @@
+"""Experiments: guide comparisons, the gradient-variance lab, figures."""

@@ -1,0 +1,114 @@
+r"""The objectives SVI minimises: Pyro's ELBO estimators on ``VAE.model``/``VAE.guide``, the
+fused equivalent (:mod:`pyro_vae.infer.fused`), and the optimizers that step them.
+"""
+
+from __future__ import annotations
+
+import torch
+from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
+
+from ..core.config import VAEConfig
+from ..program.model import VAE
+from .estimators import baseline_elbo
+from .fused import fused_available, fused_elbo_loss
+
+__all__ = ["make_elbo", "make_loss", "check_fused", "make_optimizer", "Optimizers", "elbo_per_image"]
+
+def make_elbo(config: VAEConfig):
+    """The ELBO estimator that ``config.elbo`` names; several particles are vectorised.
+    Score-function baselines need ``TraceGraph_ELBO`` (``Trace_ELBO`` ignores them)."""
+    if config.estimator == "score" and config.baseline != "none":
+        return baseline_elbo(config.num_particles)
+    cls = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "jit": JitTrace_ELBO}[config.elbo]
+    vectorize = config.num_particles > 1
+    return cls(num_particles=config.num_particles, vectorize_particles=vectorize, max_plate_nesting=1)
+
+
+class Optimizers:
+    """Several torch optimizers stepped as one, with the single-optimizer interface."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for o, s in zip(self.optimizers, state["optimizers"]):
+            o.load_state_dict(s)
+
+
+def make_loss(vae: VAE, config: VAEConfig):
+    """``loss(x, idx, num_data, beta)``: a differentiable estimate of the full-data -ELBO.
+
+    Pyro's ``ELBO.differentiable_loss`` on ``vae.model``/``vae.guide``; where ``config.fused``
+    and it is exact, :func:`~pyro_vae.fused.fused_elbo_loss`, the same estimate without tracing.
+    """
+    if config.fused and fused_available(config):
+        analytic_kl = config.elbo == "meanfield"
+
+        def loss(x, idx, num_data, beta, noise_rows=None):
+            return fused_elbo_loss(vae, x, idx, num_data, beta, analytic_kl, noise_rows)
+
+        loss.fused = True
+        return loss
+    elbo = make_elbo(config)
+
+    def loss(x, idx, num_data, beta):  # num_data, beta by keyword: JitTrace_ELBO traces tensors only
+        return elbo.differentiable_loss(vae.model, vae.guide, x, idx, num_data=num_data, beta=beta)
+
+    loss.fused = False
+    return loss
+
+
+def make_optimizer(vae: VAE, config: VAEConfig):
+    """One ``torch.optim.Adam`` over all parameters; with per-datapoint (sparse) parameters, a
+    ``SparseAdam`` for those, so a minibatch step moves only the rows of its images."""
+    sparse = [p for m in vae.modules() if isinstance(m, torch.nn.Embedding) and m.sparse for p in m.parameters()]
+    dense = [p for p in vae.parameters() if all(p is not q for q in sparse)]
+    adam = torch.optim.Adam(dense, lr=config.lr)
+    if not sparse:
+        return adam
+    return Optimizers(adam, torch.optim.SparseAdam(sparse, lr=config.local_lr))
+
+
+@torch.no_grad()
+def elbo_per_image(vae: VAE, x: torch.Tensor, batch_size: int = 1000, seed: int = 0) -> float:
+    """The ELBO in nats per image, with the analytic KL (``TraceMeanField_ELBO``), one z per image.
+
+    Uses its own seeded random stream so calling it does not change the training stream.
+    """
+    elbo = TraceMeanField_ELBO()
+    devices = [x.device] if x.device.type == "cuda" else []
+    total = 0.0
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for chunk in x.split(batch_size):
+            total += elbo.loss(vae.model, vae.guide, chunk)
+    return -total / x.shape[0]
+
+
+def check_fused(vae, config: VAEConfig, x, idx, num_data, beta: float = 1.0, rtol: float = 1e-4,
+                binarize: bool = False) -> None:
+    """Compare :func:`fused_elbo_loss` with the Pyro ELBO on one minibatch (same seed); raise
+    ``RuntimeError`` if they differ, e.g. after a change to the model that the fused path lacks.
+    ``binarize``: draw a binarization of ``x`` first. The check draws from its own random stream,
+    so training with and without the fused path draws the same numbers."""
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        if binarize:
+            x = torch.bernoulli(x)
+        torch.manual_seed(0)
+        reference = make_elbo(config).loss(vae.model, vae.guide, x, idx, num_data=num_data, beta=beta)
+        torch.manual_seed(0)
+        fused = fused_elbo_loss(vae, x, idx, num_data, beta, analytic_kl=config.elbo == "meanfield").item()
+    if abs(fused - reference) > rtol * abs(reference) + 1e-3:
+        raise RuntimeError(f"fused ELBO {fused} differs from Pyro's {reference}: run with fused=False")

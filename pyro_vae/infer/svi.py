@@ -1,0 +1,348 @@
+r"""Stochastic variational inference for the VAE: the training loop behind ``pyro-vae train``.
+
+Each step is black-box VI, exactly what ``pyro.infer.SVI(model, guide, Adam, Trace_ELBO()).step``
+does (``tests/test_svi.py`` checks that the parameters agree step for step): take a minibatch,
+draw :math:`\epsilon \sim \mathcal{N}(0, I)`, set :math:`z = \mu + \sigma \odot \epsilon` (the
+reparameterization trick, done by the guide's ``rsample``), backpropagate the estimate of
+:math:`-\mathrm{ELBO}` and take an Adam step:
+
+.. math::
+
+    \widehat{\mathcal{L}}(\theta, \phi) = -\frac{N}{B} \sum_{i \in \text{batch}}
+    \Big[\log p_\theta(x_i \mid z_i) + \log p(z_i) - \log q_\phi(z_i \mid x_i)\Big],
+    \qquad (\theta, \phi) \leftarrow \mathrm{Adam}\big(\nabla \widehat{\mathcal{L}}\big).
+
+The loss is Pyro's ``ELBO.differentiable_loss`` on ``model``/``guide`` (or the same estimate
+without tracing, :mod:`pyro_vae.infer.fused`); one ``torch.optim.Adam`` updates every parameter.
+:meth:`Trainer.step` is that loop body. Around it, collaborators with their own names:
+:class:`~pyro_vae.infer.checkpointing.Checkpointer` (checkpoints, resume),
+:class:`~pyro_vae.infer.interrupts.StopSignals` (Ctrl-C/SIGTERM stop after the step),
+:class:`~pyro_vae.infer.guards.NonFiniteGuard` (NaN/inf), :class:`~pyro_vae.infer.distributed.DataParallel`
+(``torchrun``) and :class:`~pyro_vae.infer.callbacks.Callback` (figures, trackers).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import pyro
+import torch
+from tqdm import tqdm
+
+from ..core.config import VAEConfig, resolve_device
+from ..core.data import ImageData, check_images, eval_binarized, load_splits
+from ..core.errors import ConfigError, TrainingError, TrainingInterrupted
+from ..program.model import VAE
+from .callbacks import Callback
+from .checkpointing import Checkpointer, data_fingerprint, open_run_folder
+from .distributed import DataParallel
+from .guards import ADVICE, NonFiniteGuard
+from .interrupts import StopSignals, signal_name
+from .objectives import check_fused, elbo_per_image, make_loss, make_optimizer
+from .run import Run
+
+__all__ = ["fit", "Trainer", "EpochState"]
+
+
+def fit(
+    config: VAEConfig,
+    out=None,
+    *,
+    train_data: Optional[ImageData] = None,
+    val_data: Optional[ImageData] = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    resume: bool = False,
+    log: Callable[[str], None] = tqdm.write,
+    callbacks: Sequence[Callback] = (),
+) -> Run:
+    """Train a VAE by SVI; return the :class:`~pyro_vae.infer.run.Run` (and write it to ``out``).
+
+    :param config: every setting of the run.
+    :param out: run folder to write (``config.json``, ``history.json``, ``checkpoint.pt``).
+    :param train_data, val_data: data to use instead of loading what ``config`` names.
+    :param overwrite: replace a run already in ``out``.
+    :param resume: continue the run in ``out`` from its checkpoint: the same parameters, optimizer
+        state, random streams and position in the epoch, so on CPU the result equals an
+        uninterrupted run. ``config`` must match the checkpoint's but for
+        :data:`~pyro_vae.core.rundir.RESUME_MAY_CHANGE` (``epochs`` may grow).
+    :param callbacks: :class:`~pyro_vae.infer.callbacks.Callback` hooks, e.g.
+        :class:`pyro_vae.experiments.plots.SaveFigures` (what ``pyro-vae train`` adds).
+    :raises TrainingError: a non-finite loss (``on_nonfinite="stop"``) or non-finite parameters;
+        ``checkpoint.pt`` keeps the last good state.
+    :raises TrainingInterrupted: SIGINT or SIGTERM; the current step was finished and a
+        checkpoint to resume from was written.
+    """
+    trainer = Trainer(config, out, train_data=train_data, val_data=val_data, progress=progress,
+                      overwrite=overwrite, resume=resume, log=log, callbacks=callbacks)
+    return trainer.train()
+
+
+@dataclass
+class EpochState:
+    """Where the loop is inside an epoch (what a checkpoint saves when interrupted mid-epoch)."""
+
+    epoch: int  # 0-based
+    order: torch.Tensor  # [N] the epoch's permutation of the training images
+    step: int = 0  # next step to take
+    loss_sum: Optional[torch.Tensor] = None  # sum over images of -ELBO_i so far (no per-step sync)
+    skipped: List[int] = None  # steps skipped as non-finite
+    seconds: float = 0.0  # training time spent in this epoch before the current stretch
+
+    def position(self, global_batch: Optional[int]) -> dict:
+        state = {"epoch": self.epoch, "step": self.step, "order": self.order.cpu(),
+                 "loss_sum": self.loss_sum.cpu(), "skipped": list(self.skipped), "seconds": self.seconds}
+        if global_batch is not None:
+            state["global_batch"] = global_batch
+        return state
+
+
+class Trainer:
+    """SVI on a :class:`~pyro_vae.program.model.VAE`; :func:`fit` is ``Trainer(...).train()``."""
+
+    def __init__(self, config: VAEConfig, out=None, *, train_data=None, val_data=None, progress=True,
+                 overwrite=False, resume=False, log=tqdm.write, callbacks: Sequence[Callback] = ()):
+        config.check()
+        self.device = resolve_device(config.device)
+        self.dp = DataParallel.current(self.device)  # None unless under torchrun
+        if self.dp is not None:
+            self.dp.check(config)
+            if not self.dp.is_main:  # rank 0 alone logs, draws the progress bar, writes and calls back
+                progress, log, callbacks = False, _silent, ()
+        self.progress, self.log, self.callbacks = progress, log, list(callbacks)
+        self.folder, saved = self._open(out, config, overwrite, resume)
+        self.train_data, self.val_data = self._data(config, train_data, val_data)
+        self.config = config = config.replace(event_shape=tuple(self.train_data.event_shape))
+        self.global_batch = config.batch_size * (1 if self.dp is None else self.dp.world_size)  # images per step
+        if self.global_batch > len(self.train_data):
+            per = "" if self.dp is None else f" x {self.dp.world_size} processes"
+            raise ConfigError(f"batch_size={config.batch_size}{per} exceeds the {len(self.train_data)} training images")
+        self._build(config)
+        if overwrite:
+            self.checkpoints.clear()
+        self.position = None if saved is None else self._resume(saved)
+
+    # ------------------------------------------------------------------ set-up
+
+    def _open(self, out, config, overwrite, resume):
+        if out is None:
+            if resume:
+                raise ConfigError("resume needs the run folder to continue (out=...)")
+            return None, None
+        opener = lambda: open_run_folder(out, config, overwrite, resume)  # noqa: E731
+        return opener() if self.dp is None else self.dp.on_main(opener)  # others: rank 0's folder, checkpoint
+
+    def _data(self, config, train_data, val_data):
+        if train_data is None:
+            train_data, val_data = load_splits(config)
+        for data in (train_data, val_data):
+            if data is not None:
+                check_images(data, config)
+        return train_data, val_data
+
+    def _build(self, config: VAEConfig) -> None:
+        """Seed, data on the device, the model and guide, the loss and the optimizer."""
+        pyro.set_rng_seed(config.seed)
+        pyro.clear_param_store()
+        pyro.enable_validation(config.validate)
+        self.images = self.train_data.images.to(self.device)  # [N, D], the whole data set on the device
+        self.num_data = len(self.images)
+        # the validation ELBO needs q(z|x) for unseen images: guides with an encoder only
+        with_encoder = config.guide != "mean-field"
+        self.x_val = eval_binarized(self.val_data).to(self.device) if self.val_data is not None and with_encoder else None
+        self.vae = VAE(config, num_data=self.num_data).to(self.device)
+        self.run = Run(config, self.vae, [], self.folder)
+        self.loss_fn = make_loss(self.vae, config)
+        if self.loss_fn.fused:  # the fused loss must agree with Pyro's ELBO on this model: check once
+            first = torch.arange(min(self.global_batch, self.num_data), device=self.device)
+            check_fused(self.vae, config, self.images[first], first, self.num_data,
+                        binarize=self.train_data.binarize == "dynamic")
+        self.optimizer = make_optimizer(self.vae, config)
+        self.params = list(self.vae.parameters())
+        write = self.dp is None or self.dp.is_main
+        self.checkpoints = Checkpointer(self.folder, write, self.vae, self.optimizer, config,
+                                        data_fingerprint(self.train_data.images))
+        self.guard = NonFiniteGuard(config.on_nonfinite, self.params, lambda: self.checkpoints.kept(self.run.history),
+                                    self.log)
+        self.exact_noise = self.dp is not None and self.dp.exact_noise(config, self.loss_fn)
+
+    def _resume(self, saved: dict) -> Optional[dict]:
+        position = self.checkpoints.restore(saved, self.run.history)
+        if position is not None and position.get("global_batch", self.config.batch_size) != self.global_batch:
+            raise ConfigError(
+                f"--resume: {self.checkpoints.path} stopped inside an epoch of {position.get('global_batch')}-image "
+                f"steps; resume it with the same number of processes (batch_size x processes = {self.global_batch} now)"
+            )
+        done, epochs = len(self.run.history), self.config.epochs
+        step = f", step {position['step'] + 1}" if position else ""
+        self.log(f"resuming {self.folder} at epoch {done + 1}/{epochs}{step}" if done < epochs
+                 else f"{self.folder} already has {epochs} epochs: nothing to train (pass a larger --epochs to continue)")
+        return position
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> Run:
+        """Run the epochs still to do; return the :class:`~pyro_vae.infer.run.Run`."""
+        self.checkpoints.write_config()
+        if self.train_data.binarize == "none":
+            self.log("note: --binarize none scores grey values with a Bernoulli: ELBOs are not log-likelihoods")
+        for callback in self.callbacks:
+            callback.on_train_begin(self)
+        with StopSignals(self.log) as self.signals, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Encountered NaN")  # Pyro's; the loop reports NaN itself
+            for epoch in range(len(self.run.history), self.config.epochs):
+                state = self._start_epoch(epoch)
+                self.train_epoch(state)
+                self._end_epoch(state)
+            if self._stop_requested(sync=True):  # the signal came during the last epoch's bookkeeping
+                raise self._interrupted(None, after_last=True)
+        for callback in self.callbacks:
+            callback.on_train_end(self)
+        return self.run
+
+    def train_epoch(self, state: EpochState) -> None:
+        """One pass over the training images in minibatches, one SVI step each."""
+        start = time.perf_counter()
+        batches = state.order.split(self.global_batch)  # under torchrun each rank takes its rows of each
+        bar = tqdm(range(state.step, len(batches)), desc=f"epoch {state.epoch + 1}/{self.config.epochs}",
+                   leave=False, disable=not self.progress, initial=state.step, total=len(batches))
+        for state.step in bar:
+            if self._stop_requested():  # finish no more steps: save the position, stop
+                state.seconds += time.perf_counter() - start
+                raise self._interrupted(state, steps=len(batches))
+            idx = batches[state.step]  # [B] rows of the training images
+            x = self.images[idx]  # [B, D]
+            if self.train_data.binarize == "dynamic":
+                x = torch.bernoulli(x)  # a fresh binarization every time an image is seen
+            loss = self.step(x, idx, self.config.beta_at(state.epoch), state)
+            if loss is None:  # skipped (non-finite)
+                state.skipped.append(state.step)
+                continue
+            state.loss_sum += loss.detach() * (len(idx) / self.num_data)
+            if self.progress and state.step % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item() / self.num_data:.2f}")
+        bar.close()
+        state.seconds += time.perf_counter() - start
+
+    def step(self, x: torch.Tensor, idx: torch.Tensor, beta: float, state: EpochState) -> Optional[torch.Tensor]:
+        """One SVI step: the gradient of the -ELBO estimate on the minibatch, then an Adam step.
+        Returns the loss, or ``None`` when the step was skipped as non-finite."""
+        loss = self._loss_and_grads(x, idx, beta, state)  # estimates -ELBO(all N images)
+        where = f"epoch {state.epoch + 1}/{self.config.epochs}, step {state.step + 1}/{-(-self.num_data // self.global_batch)}"
+        if not self.guard.accept(loss, where):  # NaN/inf: stop, or skip this step
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.optimizer.step()
+        return loss
+
+    def _loss_and_grads(self, x, idx, beta, state: EpochState) -> torch.Tensor:
+        if self.dp is not None:  # this rank's rows; gradients (and loss) combined over the ranks
+            seed = _rank_seed(self.config.seed, state.epoch, state.step, self.dp.rank)
+            return self.dp.loss_and_grads(self.loss_fn, x, idx, self.num_data, beta, self.optimizer, self.params,
+                                          self.exact_noise, seed, self.signals.signum is not None, self.config.z_dim)
+        try:
+            loss = self.loss_fn(x, idx, self.num_data, beta)
+        except ValueError:  # Pyro's argument validation rejects NaN parameters
+            self.guard.check_params(f"before epoch {state.epoch + 1}, step {state.step + 1}")
+            raise
+        if bool(torch.isfinite(loss)):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        return loss
+
+    # ------------------------------------------------------------------ epoch bookkeeping
+
+    def _start_epoch(self, epoch: int) -> EpochState:
+        if self.position is not None:  # continue the interrupted epoch where it stopped
+            p, self.position = self.position, None
+            return EpochState(epoch, p["order"].to(self.device), p["step"], p["loss_sum"].to(self.device),
+                              list(p["skipped"]), p["seconds"])
+        if self._stop_requested(sync=True):  # between epochs: checkpoint, stop
+            raise self._interrupted(None, epoch=epoch)
+        order = torch.randperm(self.num_data, device=self.device)
+        if self.dp is not None:  # every rank draws the same order; rank 0's is broadcast to be sure
+            self.dp.broadcast_order(order)
+        return EpochState(epoch, order, 0, torch.zeros((), device=self.device), [], 0.0)
+
+    def _end_epoch(self, state: EpochState) -> None:
+        """Score the epoch, append it to the history, checkpoint, log, call back."""
+        start = time.perf_counter()
+        epoch, config = state.epoch, self.config
+        self.guard.check_params(f"in epoch {epoch + 1}")
+        batches = state.order.split(self.global_batch)
+        used = 1.0 - sum(len(batches[s]) for s in state.skipped) / self.num_data  # fraction of images scored
+        if used <= 0:
+            raise TrainingError(f"every step of epoch {epoch + 1} was skipped (non-finite). "
+                                f"{self.checkpoints.kept(self.run.history)}{ADVICE}")
+        train_elbo = -state.loss_sum.item() / self.num_data / (used if state.skipped else 1.0)
+        val_elbo = self.validation_elbo()
+        if not all(math.isfinite(v) for v in (train_elbo, val_elbo) if v is not None):
+            raise self.guard.fail(f"non-finite ELBO in epoch {epoch + 1} (train {train_elbo}, validation {val_elbo})")
+        record = {"epoch": epoch + 1, "beta": config.beta_at(epoch), "train_elbo": train_elbo, "val_elbo": val_elbo,
+                  "seconds": state.seconds + time.perf_counter() - start}
+        if state.skipped:
+            record["skipped_steps"] = len(state.skipped)
+        self.run.history.append(record)
+        self.checkpoints.save(self.run.history)
+        self.log(_epoch_line(record, config.epochs))
+        for callback in self.callbacks:
+            callback.on_epoch_end(self, record)
+
+    def validation_elbo(self) -> Optional[float]:
+        """The ELBO per image of the validation images (analytic KL, one z each), or ``None``."""
+        if self.x_val is None:
+            return None
+        if self.dp is None:
+            return elbo_per_image(self.vae, self.x_val)
+        return self.dp.elbo_per_image(lambda part: elbo_per_image(self.vae, part), self.x_val)  # shards, all-reduced
+
+    # ------------------------------------------------------------------ stopping on a signal
+
+    def _stop_requested(self, sync: bool = False) -> bool:
+        """Whether SIGINT/SIGTERM arrived (under torchrun: on any rank; ``sync`` asks the ranks now,
+        otherwise the flag combined with the last step's gradients is used)."""
+        local = self.signals.signum is not None
+        if self.dp is None:
+            return local
+        return self.dp.any_stop(local) if sync else self.dp.stop
+
+    def _interrupted(self, state: Optional[EpochState], epoch: int = 0, steps: int = 0,
+                     after_last: bool = False) -> TrainingInterrupted:
+        """Checkpoint where the loop stands and build the exception that says how to continue."""
+        signum = self.signals.signum or signal.SIGTERM
+        if after_last:
+            return TrainingInterrupted(
+                f"interrupted by {signal_name(signum)} after the last epoch; the training is complete and "
+                f"saved{'' if self.folder is None else f' in {self.folder}'}, the figures were not drawn (--resume draws them)",
+                signum,
+            )
+        if state is None:
+            self.guard.check_params(f"before epoch {epoch + 1}")
+            self.checkpoints.save(self.run.history)
+            at = f"epoch {epoch + 1}/{self.config.epochs}"
+        else:
+            self.guard.check_params(f"in epoch {state.epoch + 1}")
+            self.checkpoints.save(self.run.history, state.position(self.global_batch if self.dp is not None else None))
+            at = f"epoch {state.epoch + 1}/{self.config.epochs} after step {state.step}/{steps}"
+        saved_to = f"saved {self.checkpoints.path}; continue with --resume" if self.folder is not None else "nothing saved"
+        return TrainingInterrupted(f"interrupted by {signal_name(signum)} in {at}; {saved_to}", signum)
+
+
+def _silent(message: str) -> None:
+    """The log of ranks other than 0 under torchrun."""
+
+
+def _rank_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """Seed of a rank's own draws in one step (losses that draw per row; pyro_vae.infer.distributed)."""
+    return (((seed * 1_000_003 + epoch) * 1_000_003 + step) * 1_009 + rank) % (2**63 - 1)
+
+
+def _epoch_line(r: dict, epochs: int) -> str:
+    val = "" if r["val_elbo"] is None else f"  val ELBO {r['val_elbo']:9.2f}"
+    beta = "" if r["beta"] == 1.0 else f"  (beta {r['beta']:.2f})"
+    return f"epoch {r['epoch']:>3}/{epochs}  train ELBO {r['train_elbo']:9.2f}{val}  nats/image  {r['seconds']:.1f}s{beta}"
