@@ -1,4 +1,4 @@
-"""The two reference implementations the speed benchmark measures pyro-vae against.
+"""The reference implementations the speed benchmarks measure pyro-vae against.
 
 Both use the same networks as pyro-vae (``pyro_vae.networks``), the same in-memory data,
 minibatch order and dynamic binarization, and report their loss as pyro-vae does: an estimate of
@@ -9,6 +9,8 @@ the full-data negative ELBO (minibatch sum scaled by N / B).
 - :class:`PyroTutorialVAE`: Pyro's tutorial recipe. ``SVI`` + ``pyro.optim.Adam`` (one Adam per
   parameter, through the param store) + ``Trace_ELBO``, argument validation on, a float (a sync)
   returned by every ``svi.step``.
+- :class:`HandWrittenConvVAE`: plain PyTorch, the twin of ``--arch conv`` on 28x28 grey images,
+  its layers written out by hand (``benchmarks/arch.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch.nn import functional as F
 from pyro_vae import VAE, VAEConfig
 from pyro_vae.program.networks import BernoulliDecoder, Encoder
 
-__all__ = ["HandWrittenVAE", "PyroTutorialVAE", "hand_written_iwae"]
+__all__ = ["HandWrittenVAE", "PyroTutorialVAE", "HandWrittenConvVAE", "hand_written_iwae"]
 
 
 class HandWrittenVAE(torch.nn.Module):
@@ -45,6 +47,34 @@ class HandWrittenVAE(torch.nn.Module):
         loss.backward()
         self.optimizer.step()
         return loss.detach()
+
+
+class HandWrittenConvVAE(HandWrittenVAE):
+    """The layers of pyro-vae's ``--arch conv`` for 1x28x28 images, by hand: 4x4 stride-2
+    convolutions 1 -> 32 -> 64 channels (28 -> 14 -> 7) with ReLU, a linear layer to (loc, raw
+    scale); the decoder a linear layer with ReLU to 64x7x7, then 4x4 stride-2 transposed
+    convolutions 64 -> 32 -> 1 (7 -> 14 -> 28), ReLU between. Same loss as :class:`HandWrittenVAE`."""
+
+    def __init__(self, config: VAEConfig, num_data: int):
+        torch.nn.Module.__init__(self)
+        z = config.z_dim
+        self.enc = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 32, 4, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 4, 2, 1), torch.nn.ReLU(),
+            torch.nn.Flatten(), torch.nn.Linear(64 * 7 * 7, 2 * z),
+        )
+        self.dec = torch.nn.Sequential(
+            torch.nn.Linear(z, 64 * 7 * 7), torch.nn.ReLU(), torch.nn.Unflatten(1, (64, 7, 7)),
+            torch.nn.ConvTranspose2d(64, 32, 4, 2, 1), torch.nn.ReLU(), torch.nn.ConvTranspose2d(32, 1, 4, 2, 1),
+            torch.nn.Flatten(),
+        )
+        self.encoder = lambda x: self._posterior(x)
+        self.decoder = self.dec
+        self.num_data = num_data
+        self.optimizer = torch.optim.Adam(self.parameters(), lr=config.lr)
+
+    def _posterior(self, x: torch.Tensor):
+        loc, raw_scale = self.enc(x.view(-1, 1, 28, 28)).chunk(2, dim=-1)
+        return loc, F.softplus(raw_scale) + 1e-5
 
 
 class PyroTutorialVAE:

@@ -20,12 +20,14 @@ from .core.errors import (
 )
 from .experiments.compare import compare_guides
 from .experiments.plots import SaveFigures
+from .experiments.runs import compare_runs
 from .experiments.variance_lab import GradientMoments, gradient_moments, gradient_variance
 from .infer.callbacks import Callback
 from .infer.evaluate import EvalResult, elbo_terms, evaluate, iwae_bound, load_eval_data, log_importance_weights
 from .infer.objectives import elbo_per_image, make_elbo
 from .infer.run import Run, load_run
 from .infer.svi import Trainer, fit
+from .infer.tensorboard import TensorBoardWriter
 from .program.guides import AmortizedGuide, Guide, make_guide
 from .program.model import VAE
 from .program.plates import data_plate
@@ -70,4 +72,6 @@ __all__ = [
     "Callback",
     "SaveFigures",
     "compare_guides",
+    "compare_runs",
+    "TensorBoardWriter",
 ]

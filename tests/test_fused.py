@@ -10,7 +10,7 @@ from pyro_vae.infer.objectives import check_fused
 
 @pytest.mark.parametrize("guide", ["amortized", "mean-field", "semi-amortized"])
 @pytest.mark.parametrize("elbo", ["trace", "meanfield"])
-@pytest.mark.parametrize("likelihood", ["bernoulli", "normal"])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "normal", "continuous-bernoulli"])
 def test_fused_path_equals_plain_pyro_path(guide, elbo, likelihood, binary_batch):
     """Same seed, same minibatch: the same loss and the same gradient for every parameter."""
     config = VAEConfig(z_dim=4, hidden=(32,), guide=guide, elbo=elbo, likelihood=likelihood, refine_steps=2)

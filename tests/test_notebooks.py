@@ -35,11 +35,14 @@ def jupyter_path(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_executes(name, jupyter_path, tmp_path, monkeypatch):
+def test_notebook_executes(name, jupyter_path, tmp_path, tmp_path_factory, monkeypatch):
     monkeypatch.setenv("CI", "1")  # the kernel inherits the environment: smoke mode, small and fast
     monkeypatch.setenv("JUPYTER_PATH", str(jupyter_path))
+    cache = tmp_path_factory.mktemp("run-cache")  # outside the working directory below
+    monkeypatch.setenv("PYRO_VAE_CACHE", str(cache))  # never the user's run cache
     nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
     # working directory: an empty temporary folder, so nothing a notebook writes lands in the repository
     client = NotebookClient(nb, kernel_name=KERNEL, timeout=600, resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError, with the cell and its traceback, on any error
     assert not list(tmp_path.iterdir()), "a notebook wrote files into its working directory"
+    assert list(cache.iterdir()), "the notebook trained nothing through the run cache ($PYRO_VAE_CACHE)"

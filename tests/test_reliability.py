@@ -127,9 +127,10 @@ CASES = [
         1,
     ),
     Case(
-        "images not 28x28",
-        lambda t, r: _train("--data-dir", str(images_folder(t / "d", digits(20, shape=(32, 32))))),
-        "images are 32x32; pyro-vae supports 28x28",
+        "evaluate, images of another size",  # any H x W trains; a run scores only its own size
+        lambda t, r: (t / "d").mkdir() or write_idx(t / "d" / "t10k-images-idx3-ubyte.gz", digits(20, shape=(32, 32)))
+        or ["evaluate", str(r), "--data-dir", str(t / "d")],
+        "was trained on data of shape 1x28x28; ",
         1,
     ),
     Case(
@@ -266,6 +267,44 @@ CASES = [
         1,
     ),
     Case("compare-guides --epochs 0", lambda t, r: ["compare-guides", "--epochs", "0"], "epochs must be a positive", 2),
+    # the machine's limits (issue #19): memory asked for beyond what is free is refused before allocating
+    Case(
+        "train, --z-dim beyond memory",
+        lambda t, r: _train("--z-dim", "1000000000", "--out", str(t / "o")),
+        "not enough memory: training with z_dim=1000000000 needs about",
+        1,
+    ),
+    Case(
+        "train, --num-particles beyond memory",
+        lambda t, r: _train("--num-particles", "100000000000", "--out", str(t / "o")),
+        "activations of 5,000,000,000,000 rows through the networks), but only",
+        1,
+    ),
+    Case(
+        "evaluate, --iwae-k beyond memory",
+        lambda t, r: ["evaluate", str(r), "--iwae-k", "100000000000", "--limit", "20", "--quiet"],
+        "not enough memory: evaluating with iwae_k=100000000000, batch_size=100 needs about",
+        1,
+    ),
+    Case(
+        "grad-variance, --sweep beyond memory",
+        lambda t, r: ["grad-variance", "--at-init", "--limit", "300", "--sweep", "1,100000000000", "--out", str(t)],
+        "not enough memory: the gradient-variance lab with batch_size=64, num_particles=100000000000",
+        1,
+    ),
+    Case(
+        "compare-guides --out not writable",
+        lambda t, r: ["compare-guides", "--runs", str(r), "--out", str(Path(__file__) / "out")],
+        "Not a directory: ",
+        1,
+    ),
+    Case(
+        "grad-variance --out not writable",
+        lambda t, r: ["grad-variance", "--at-init", "--limit", "300", "--repeats", "2", "--sweep", "",
+                      "--out", str(Path(__file__) / "out")],
+        "cannot write there (Not a directory)",
+        2,
+    ),
 ]
 
 
@@ -353,15 +392,239 @@ def test_debug_shows_the_traceback():
 
 
 def test_disk_errors_are_one_line(tmp_path, capsys, monkeypatch):
-    """An OSError while writing (here: a full disk) is reported in the system's words, exit 1."""
+    """A full disk at the first checkpoint: one line that says so, where, and that nothing was
+    saved yet; exit 1, no temporary file left behind."""
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device", "checkpoint.pt")
 
     monkeypatch.setattr("pyro_vae.core.rundir.torch.save", full)
     assert main(["train", *SMALL, "--out", str(tmp_path / "r")]) == 1
-    assert capsys.readouterr().err.strip() == "pyro-vae: error: No space left on device: checkpoint.pt"
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"pyro-vae: error: the disk is full: cannot write {tmp_path / 'r' / 'checkpoint.pt'} ("), err
+    assert err.endswith("; nothing was written to checkpoint.pt; no checkpoint yet: free some space, then start "
+                        "again with --overwrite"), err
+    assert len(err.splitlines()) == 1
     assert not list((tmp_path / "r").glob(".*.tmp")), "a temporary file was left behind"
+
+
+def full_disk_after(monkeypatch, writes: int, how: str = "fsync") -> None:
+    """Make every atomic write after the first ``writes`` fail as on a full disk: ``fsync`` raises
+    ENOSPC (where a full disk shows with delayed allocation), or ``torch.save`` fails the way it
+    does on a full file system, a ``RuntimeError: ... unexpected pos ...`` raised while handling
+    the write's ``OSError``."""
+    import errno
+
+    import pyro_vae.core.rundir as rundir
+
+    calls = {"n": 0}
+    fsync, save = rundir.os.fsync, rundir.torch.save
+
+    def failing_fsync(fd):
+        calls["n"] += 1
+        if calls["n"] > writes:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(fd)
+
+    def failing_save(obj, f):
+        calls["n"] += 1
+        if calls["n"] > writes:
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError:  # torch's writer reports it so, the OSError as its context
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        save(obj, f)
+
+    if how == "fsync":
+        monkeypatch.setattr(rundir.os, "fsync", failing_fsync)
+    else:
+        monkeypatch.setattr(rundir.torch, "save", failing_save)
+
+
+@pytest.mark.parametrize("how", ["fsync", "torch.save"])
+def test_full_disk_keeps_the_last_good_checkpoint_and_resume_is_exact(tmp_path, capsys, monkeypatch, trained_run,
+                                                                    how):
+    """The disk fills up while epoch 2's checkpoint is written: one line names the file, says the
+    disk is full and that checkpoint.pt is intact with epoch 1; once there is room again,
+    ``--resume`` ends exactly where an uninterrupted run does."""
+    out = tmp_path / "r"
+    argv = ["train", *SMALL, "--epochs", "2", "--z-dim", "2", "--out", str(out)]
+    full_disk_after(monkeypatch, 3 if how == "fsync" else 1, how)  # fsync: config.json, checkpoint 1, history 1
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"pyro-vae: error: the disk is full: cannot write {out / 'checkpoint.pt'} ("), err
+    assert err.endswith("the previous checkpoint.pt is intact: it keeps the last good state (1 epoch); "
+                        "free some space, then continue with --resume"), err
+    assert not list(out.glob(".*.tmp")), "a temporary file was left behind"
+    assert len(load_checkpoint(out / "checkpoint.pt")["history"]) == 1
+    monkeypatch.undo()
+    assert main([*argv, "--resume"]) == 0
+    assert state_equal(load_run(out), load_run(trained_run))
+
+
+def test_full_disk_while_writing_history_json(tmp_path, capsys, monkeypatch):
+    """checkpoint.pt was written, history.json was not: the line says which file failed and that
+    checkpoint.pt holds the epoch."""
+    out = tmp_path / "r"
+    full_disk_after(monkeypatch, 2)  # config.json, checkpoint 1; history 1 fails
+    assert main(["train", *SMALL, "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"cannot write {out / 'history.json'} (" in err and "; nothing was written to history.json: " in err, err
+    assert err.endswith("checkpoint.pt keeps the last good state (1 epoch); free some space, then continue with "
+                        "--resume"), err
+
+
+@pytest.mark.parametrize("command", ["evaluate --save", "grad-variance", "compare-guides"])
+def test_full_disk_for_other_commands_outputs(tmp_path, capsys, monkeypatch, trained_run, command):
+    """Each command that writes files says the disk is full and which file, exit 1, no temporary file."""
+    run = copy_run(trained_run, tmp_path / "run")
+    argv, target = {
+        "evaluate --save": (["evaluate", str(run), "--iwae-k", "5", "--elbo-samples", "2", "--limit", "20", "--quiet",
+                             "--save"], run / "eval.json"),
+        "grad-variance": (["grad-variance", str(run), "--repeats", "2", "--sweep", "", "--batch-size", "8",
+                           "--out", str(tmp_path / "gv")], tmp_path / "gv" / "grad_variance.md"),
+        "compare-guides": (["compare-guides", "--runs", str(run), "--iwae-k", "5", "--eval-limit", "5",
+                            "--local-steps", "2", "--star-steps", "2", "--json", "--out", str(tmp_path / "cg")],
+                           tmp_path / "cg" / "comparison.json"),
+    }[command]
+    if command == "evaluate --save" and "--save" not in build_parser_help("evaluate"):
+        pytest.skip("this evaluate has no --save")
+    full_disk_after(monkeypatch, 0)
+    capsys.readouterr()
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"pyro-vae: error: the disk is full: cannot write {target} ("), err
+    assert not list(target.parent.glob(".*.tmp"))
+
+
+def build_parser_help(command: str) -> str:
+    from pyro_vae.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return sub.choices[command].format_help()
+
+
+def test_full_standard_output_is_one_line(trained_run, tmp_path):
+    """``pyro-vae evaluate --json > FILE`` on a full disk (``/dev/full`` fails every write with
+    ENOSPC): one line, exit 1, and no second complaint from Python's flush at exit."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    argv = [sys.executable, "-m", "pyro_vae", "evaluate", str(trained_run), "--iwae-k", "5", "--elbo-samples", "2",
+            "--limit", "20", "--quiet", "--json"]
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip() == "pyro-vae: error: the disk is full: cannot write the standard output to /dev/full"
+
+
+FULL_TMPFS = """
+set -e
+mount -t tmpfs -o size=3m tmpfs "$1"
+set +e
+"$2" -m pyro_vae train --limit 300 --val-size 100 --epochs 3 --batch-size 50 --hidden 100 --z-dim 2 --quiet \
+    --out "$1/run" > /dev/null 2> "$1/err.txt"
+echo "exit code $?"
+cat "$1/err.txt"
+"$2" -c "import torch; print('epochs', len(torch.load('$1/run/checkpoint.pt', weights_only=True)['history']))"
+ls -a "$1/run"
+"""
+
+
+def test_a_real_full_file_system(tmp_path):
+    """A real 3 MB tmpfs (mounted in a private mount namespace: ``unshare``, root or not; skipped
+    where that is not permitted): the first checkpoint (~2 MB) fits, the second does not."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare")
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {tmp_path}"],
+                           capture_output=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.decode(errors='replace').strip()}")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", FULL_TMPFS, "sh", str(mnt), sys.executable],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "exit code 1", proc.stdout + proc.stderr
+    err = lines[1]
+    assert err.startswith(f"pyro-vae: error: the disk is full: cannot write {mnt / 'run' / 'checkpoint.pt'} ("), err
+    assert f"left on the file system at {mnt});" in err, err
+    assert err.endswith("the previous checkpoint.pt is intact: it keeps the last good state (1 epoch); "
+                        "free some space, then continue with --resume"), err
+    assert "epochs 1" in lines, proc.stdout
+    assert not [name for name in lines if name.endswith(".tmp")], proc.stdout
+
+
+@pytest.mark.parametrize("error, shown", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 1600000000000 bytes. Error code 12 (Cannot allocate memory)"),
+     "the CPU could not allocate 1.5 TiB"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.1 GiB"),
+     "the GPU could not allocate 2.00 GiB"),
+    (MemoryError(), "the CPU could not allocate the memory it needed"),
+])
+def test_a_failed_allocation_is_one_line(tmp_path, capsys, monkeypatch, error, shown):
+    """An allocation the estimate did not foresee fails anyway: one line with the amount and the
+    sizes this command used, exit 1 (``--debug`` still shows the traceback)."""
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(train_module, "VAE", fail)
+    argv = ["train", *SMALL, "--out", str(tmp_path / "r")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"pyro-vae: error: out of memory: {shown} for pyro-vae train with --z-dim 20, --hidden 64, "
+                   "--batch-size 50, --num-particles 1; lower these sizes"), err
+    with pytest.raises(type(error)):
+        main(["--debug", *argv[:-1], str(tmp_path / "r2")])
+
+
+def test_memory_estimate_counts_the_parameters_exactly_and_names_the_setting(monkeypatch):
+    from pyro_vae.core.errors import ResourceError
+    from pyro_vae.program import memory
+
+    for config, num_data in [(VAEConfig(), None), (VAEConfig(likelihood="normal", hidden=(32, 16)), None),
+                             (VAEConfig(guide="mean-field", z_dim=3), 70), (VAEConfig(guide="semi-amortized"), None)]:
+        real = sum(p.numel() for p in VAE(config, num_data=num_data).parameters())
+        assert memory.parameter_count(config, num_data) == real
+    monkeypatch.setattr(memory, "available_memory", lambda device: 10 * 2**20)  # 10 MiB free
+    memory.check_memory(VAEConfig(hidden=(64,)), "cpu", rows=128)  # small enough: nothing happens
+    with pytest.raises(ResourceError, match=r"training with hidden=4000 needs about .* MiB \(6,\d{3},\d{3} "
+                                            r"parameters, their gradients and Adam's two moments\), but only "
+                                            r"10\.0 MiB is free on cpu; lower hidden$"):
+        memory.check_memory(VAEConfig(hidden=(4000,)), "cpu", rows=128)
+    with pytest.raises(ResourceError, match="with batch_size=128, num_particles=1000 needs .* lower batch_size"):
+        memory.check_memory(VAEConfig(hidden=(64,)), "cpu", rows=128_000,
+                            rows_from="batch_size=128, num_particles=1000")
+
+
+def test_checkpoint_that_vanishes_or_cannot_be_opened_says_so(tmp_path, capsys, monkeypatch, trained_run):
+    """An OS error while reading a checkpoint (gone between the check and the read, too many open
+    files, ...) is named as such, not called a corrupt file."""
+    import errno
+
+    def gone(path, *args, **kwargs):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+
+    monkeypatch.setattr("pyro_vae.core.rundir.torch.load", gone)
+    assert main(["evaluate", str(trained_run)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"pyro-vae: error: {trained_run / 'checkpoint.pt'}: cannot read the checkpoint (No such file or " \
+                  "directory)", err
+
+
+def test_too_many_open_files_while_writing_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    def emfile(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr("pyro_vae.core.rundir.tempfile.mkstemp", emfile)
+    assert main(["train", *SMALL, "--out", str(tmp_path / "r")]) == 1
+    assert capsys.readouterr().err.strip() == "pyro-vae: error: Too many open files"
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -520,6 +783,32 @@ def test_resume_from_the_middle_of_an_epoch_equals_uninterrupted(tmp_path, monke
     assert state_equal(resumed, reference)
     assert without_seconds(resumed.history) == without_seconds(reference.history)
     assert torch.equal(load_checkpoint(out / "checkpoint.pt")["rng"]["torch"], rng)  # the random stream too
+
+
+@pytest.mark.parametrize("point, where", [
+    ("1:start", "in epoch 1/3;"),  # before the first step: nothing trained yet
+    ("2:end", "in epoch 3/3;"),  # in an epoch's bookkeeping: that epoch is kept, the stop comes before the next
+    ("3:6", "after the last epoch;"),  # in the last step: the training completes
+])
+def test_a_signal_at_a_chosen_point_resumes_exactly(tmp_path, monkeypatch, straight, point, where):
+    """``PYRO_VAE_SIGNAL_AT`` delivers SIGTERM at a chosen point of the loop (the same hook the
+    torchrun tests use); each stop resumes to the uninterrupted run exactly."""
+    config, out = VAEConfig(epochs=3, **TINY), tmp_path / "r"
+    monkeypatch.setenv("PYRO_VAE_SIGNAL_AT", point)
+    with pytest.raises(TrainingInterrupted, match=f"interrupted by SIGTERM {where}"):
+        fit(config, out, progress=False, log=lambda s: None)
+    monkeypatch.delenv("PYRO_VAE_SIGNAL_AT")
+    resumed = fit(config, out, progress=False, resume=True, log=lambda s: None)
+    reference, rng = straight
+    assert state_equal(resumed, reference)
+    assert without_seconds(resumed.history) == without_seconds(reference.history)
+    assert torch.equal(load_checkpoint(out / "checkpoint.pt")["rng"]["torch"], rng)
+
+
+def test_a_bad_signal_point_is_a_usage_error(monkeypatch):
+    monkeypatch.setenv("PYRO_VAE_SIGNAL_AT", "2:middle")
+    with pytest.raises(ConfigError, match="PYRO_VAE_SIGNAL_AT='2:middle': expected EPOCH:POINT"):
+        fit(VAEConfig(epochs=1, **TINY), progress=False, log=lambda s: None)
 
 
 def test_resume_restores_state_kept_in_pyro_param_store(tmp_path, monkeypatch):

@@ -14,13 +14,14 @@ from typing import List, Optional
 os.environ.setdefault("MPLBACKEND", "Agg")  # the CLI writes figures to files only (set before pyplot loads)
 
 from ..core.errors import PyroVAEError, TrainingInterrupted  # noqa: E402
-from . import compare, evaluate, grad_variance, train  # noqa: E402
+from . import cache, compare, evaluate, grad_variance, runs, train  # noqa: E402
+from . import faults  # noqa: E402
 from .flags import Parser  # noqa: E402
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 #: one module per command, each with ``add_parser(subparsers)``
-COMMANDS = (train, evaluate, compare, grad_variance)
+COMMANDS = (train, evaluate, compare, grad_variance, cache, runs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +43,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv
     try:
-        return args.func(args)
+        code = args.func(args)
+        faults.flush_stdout()  # a full disk under `> FILE` ends here as one line, not at exit
+        return code
     except TrainingInterrupted as e:  # not an error: a clean stop with a way to continue
         if args.debug:
             raise
@@ -61,7 +64,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as e:  # the disk filled up, a file vanished, ...: the system's own words
         if args.debug:
             raise
-        where = f": {e.filename}" if e.filename else ""
-        print(f"pyro-vae: error: {e.strerror or e}{where}", file=sys.stderr)
+        print(f"pyro-vae: error: {faults.os_error_line(e)}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:  # an allocation that failed: CPU or CUDA out of memory
+        if args.debug or not faults.is_allocation_error(e):
+            raise
+        print(f"pyro-vae: error: {faults.out_of_memory_line(e, args)}", file=sys.stderr)
         return 1
 

@@ -8,13 +8,14 @@ from pathlib import Path
 from ..core.config import GUIDES, VAEConfig
 from ..core.errors import ConfigError
 from ..experiments.compare import QUICK, compare_guides, to_markdown
-from .flags import add_data_flags
+from .flags import add_arch_flag, add_data_flags
 
 
 def add_parser(sub) -> None:
 
     p = sub.add_parser("compare-guides", help="train one VAE per guide and measure the inference gaps")
     add_data_flags(p)
+    add_arch_flag(p)
     p.add_argument("--epochs", type=int, help="training epochs per guide (default 100; --quick 5)")
     p.add_argument("--guides", default=",".join(GUIDES), help="comma-separated, default: all three")
     p.add_argument("--runs", nargs="+", metavar="RUN_DIR", help="compare existing run folders instead of training")
@@ -27,6 +28,9 @@ def add_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes for tests and notebooks")
     p.add_argument("--out", default="runs/compare-guides", help="output folder (default runs/compare-guides)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--cache", action="store_true",
+                   help="train and evaluate through the run cache ($PYRO_VAE_CACHE, see pyro-vae cache): "
+                   "a comparison made before is loaded, not recomputed (notebook 02 uses it)")
     p.set_defaults(func=_main)
 
 
@@ -39,6 +43,10 @@ def _main(args) -> int:
         limit=pick(args.limit, "train_limit", None),
         dataset=args.dataset,
         data_dir=args.data_dir,
+        data=args.data,
+        labels_file=args.labels_file,
+        image_size=args.image_size,
+        arch=args.arch,
         binarize=args.binarize,
     )
     if args.refine_steps is not None:
@@ -60,6 +68,7 @@ def _main(args) -> int:
         star_steps=pick(args.star_steps, "local_steps", 1000),
         out=args.out,
         log=log,
+        cache=args.cache,
     )
     if args.json:
         print(json.dumps(result))

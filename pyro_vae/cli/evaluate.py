@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 from ..core.config import DEVICES, resolve_device
 from ..core.data import SPLITS
-from ..infer.evaluate import evaluate, load_eval_data
+from ..infer.evaluate import EVAL_FILE, evaluate, load_eval_data, save_result
 from ..infer.run import load_run
+from ..program.memory import check_numbers
 from .flags import add_data_flags
 
 
@@ -37,6 +40,8 @@ def add_parser(sub) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
+    o.add_argument("--save", action="store_true",
+                   help=f"also write the result into RUN_DIR/{EVAL_FILE}, where pyro-vae runs finds it")
     p.set_defaults(func=_evaluate_cli)
 
 
@@ -44,8 +49,12 @@ def _evaluate_cli(args: argparse.Namespace) -> int:
 
     run = load_run(args.run_dir, device=resolve_device(args.device))
     data = load_eval_data(
-        run.config, args.split, dataset=args.dataset, data_dir=args.data_dir, binarize=args.binarize, limit=args.limit
+        run.config, args.split, dataset=args.dataset, data_dir=args.data_dir, data=args.data,
+        labels_file=args.labels_file, image_size=args.image_size, binarize=args.binarize, limit=args.limit
     )
+    k = max(("iwae_k", args.iwae_k), ("elbo_samples", args.elbo_samples), key=lambda item: item[1])
+    draws = min(args.batch_size, len(data)) * k[1] * run.config.z_dim  # z draws held per batch of images
+    check_numbers(draws, "cpu", "evaluating", f"{k[0]}={k[1]}, batch_size={args.batch_size}")  # before allocating
     result = evaluate(
         run,
         data,
@@ -56,4 +65,8 @@ def _evaluate_cli(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print(json.dumps(result.to_dict()) if args.json else result.table())
+    if args.save:
+        path = Path(args.run_dir)
+        saved = save_result(result, path / "checkpoint.pt" if path.is_dir() else path)
+        print(f"saved: {saved}", file=sys.stderr if args.json else sys.stdout)
     return 0

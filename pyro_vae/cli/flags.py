@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..core.config import BINARIZATIONS, DATASETS, VAEConfig
+from ..core.config import ARCHS, BINARIZATIONS, DATASETS, VAEConfig
 
-__all__ = ["Parser", "add_data_flags", "config_from_args", "hidden_widths"]
+__all__ = ["Parser", "add_data_flags", "add_arch_flag", "config_from_args", "hidden_widths"]
 
 def hidden_widths(text: str):
     try:
@@ -19,16 +19,32 @@ def hidden_widths(text: str):
 
 
 def add_data_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
-    """``--dataset``, ``--data-dir``, ``--binarize``, ``--limit`` (shared by every command).
+    """``--dataset``, ``--data-dir``, ``--data``, ``--labels-file``, ``--image-size``, ``--binarize``,
+    ``--limit`` (shared by every command).
 
     With ``defaults=False`` unset flags stay ``None`` (commands on a run folder fall back to the
     run's own data settings)."""
     d = VAEConfig() if defaults else None
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default=d and d.dataset, help="data set (default: the embedded mnist-5k)")
-    g.add_argument("--data-dir", metavar="DIR", help="folder of MNIST-format IDX files (train-*/t10k-*), replaces --dataset")
+    g.add_argument("--data-dir", metavar="DIR",
+                   help="folder of MNIST-format IDX files (train-*/t10k-*, any HxW) or of PNG/JPEG images (flat, or "
+                   "one subfolder per class; train/ and test/ subfolders give a test split); replaces --dataset")
+    g.add_argument("--data", metavar="FILE",
+                   help=".npy or .pt tensor: [N, D] vectors or [N, C, H, W] images, floats in [0, 1] or uint8; "
+                   "replaces --dataset (its test split is the whole file)")
+    g.add_argument("--labels-file", metavar="FILE", help="with --data: one integer label per row (.npy, .pt or text)")
+    g.add_argument("--image-size", type=int, metavar="S",
+                   help="image folders: resize every image to S x S (default: all must have the first image's size)")
     g.add_argument("--binarize", choices=BINARIZATIONS, default=d and d.binarize, help="dynamic (default) | static | none")
     g.add_argument("--limit", type=int, metavar="N", help="use only the first N images")
+
+
+def add_arch_flag(p: argparse.ArgumentParser) -> None:
+    """``--arch mlp|conv``: the built-in encoder and decoder networks."""
+    p.add_argument("--arch", choices=ARCHS, default=VAEConfig().arch,
+                   help="networks: mlp (default; fully connected, --hidden) | conv (strided convolutions down, "
+                   "transposed convolutions up, sized from the images)")
 
 
 def config_from_args(args, **overrides) -> VAEConfig:

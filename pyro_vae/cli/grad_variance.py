@@ -11,7 +11,7 @@ from typing import List
 import torch
 
 from ..core.config import VAEConfig, resolve_device
-from ..core.data import load_dataset
+from ..core.data import check_shape_matches, load_dataset, source_options
 from ..core.errors import ConfigError
 from ..experiments.variance_lab import (
     BATCH,
@@ -24,6 +24,7 @@ from ..experiments.variance_lab import (
     write_grad_variance,
 )
 from ..infer.run import load_run
+from ..program.memory import check_memory
 from ..program.model import VAE
 from .flags import add_data_flags
 
@@ -89,10 +90,19 @@ def _grad_variance(args) -> int:
     device = resolve_device(args.device)
     run = load_run(args.run_dir, device=device) if args.run_dir is not None else None
     config = run.config if run is not None else VAEConfig()
-    data = {k: getattr(args, k) for k in ("dataset", "data_dir", "binarize", "limit") if getattr(args, k) is not None}
-    if "dataset" in data and "data_dir" not in data:
-        data["data_dir"] = None
+    keys = ("dataset", "data_dir", "data", "labels_file", "image_size", "binarize", "limit")
+    data = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if {"dataset", "data_dir", "data"} & set(data):  # another source: none of the run's own
+        data = {"data_dir": None, "data": None, "labels_file": None, "image_size": None, **data}
     config = config.replace(**data)
+    train = load_dataset(config.dataset, "train", limit=config.limit, **source_options(config))
+    if run is not None and not args.at_init:
+        check_shape_matches(train, run.config.event_shape, f"run {run.path}")
+    config = config.replace(event_shape=train.event_shape)
+    largest = max([args.num_particles, *args.sweep])  # refuse sizes beyond memory before allocating
+    check_memory(config, device, num_data=getattr(run.vae.inference, "num_data", None) if run else None,
+                 rows=args.batch_size * largest, copies=6, what="the gradient-variance lab",
+                 rows_from=f"batch_size={args.batch_size}, num_particles={largest} (--num-particles, --sweep)")
     if run is None or args.at_init:
         torch.manual_seed(config.seed)
         vae = VAE(config).to(device)
@@ -100,10 +110,6 @@ def _grad_variance(args) -> int:
     else:
         vae = run.vae
         source = f"run {run.path} ({len(run.history)} epochs)"
-    train = load_dataset(
-        config.dataset, "train", data_dir=config.data_dir, val_size=config.val_size,
-        split_seed=config.split_seed, limit=config.limit, binarize=config.binarize,
-    )
     if args.batch_size > len(train):
         raise ConfigError(f"--batch-size {args.batch_size} exceeds the {len(train)} training images")
     g = torch.Generator().manual_seed(args.seed)

@@ -13,7 +13,7 @@ from ..experiments.plots import SaveFigures
 from ..infer import distributed
 from ..infer.distributed import under_torchrun
 from ..infer.svi import fit
-from .flags import add_data_flags, config_from_args, hidden_widths
+from .flags import add_arch_flag, add_data_flags, config_from_args, hidden_widths
 
 
 def add_parser(sub) -> None:
@@ -22,7 +22,9 @@ def add_parser(sub) -> None:
     add_data_flags(p)
     p.add_argument("--val-size", type=int, default=d.val_size, help=f"validation images held out (default {d.val_size})")
     m = p.add_argument_group("model and guide")
-    m.add_argument("--likelihood", choices=LIKELIHOODS, default=d.likelihood, help="p(x|z): bernoulli (default) | normal")
+    m.add_argument("--likelihood", choices=LIKELIHOODS, default=d.likelihood,
+                   help="p(x|z): bernoulli (default) | normal | continuous-bernoulli (grey values in [0, 1])")
+    add_arch_flag(m)
     m.add_argument("--z-dim", type=int, default=d.z_dim, help=f"latent dimension (default {d.z_dim})")
     m.add_argument("--hidden", type=hidden_widths, default=d.hidden, help="hidden widths, e.g. 400 or 500,500")
     m.add_argument("--guide", choices=GUIDES, default=d.guide, help="variational family (default amortized)")
@@ -53,6 +55,8 @@ def add_parser(sub) -> None:
     )
     o.add_argument("--on-nonfinite", choices=NONFINITE, default=d.on_nonfinite,
                    help="a NaN/inf loss: stop (default; the last good checkpoint is kept) | skip the step")
+    r.add_argument("--tensorboard", action="store_true",
+                   help='also write TensorBoard event files into --out/tensorboard/ (pip install -e ".[tensorboard]")')
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 
@@ -90,7 +94,7 @@ def _train(args) -> int:
         start = time.perf_counter()
         try:
             run = fit(config, out, progress=not args.quiet, overwrite=args.overwrite, resume=args.resume,
-                      callbacks=[SaveFigures()])
+                      callbacks=[SaveFigures()], tensorboard=args.tensorboard)
         except TrainingInterrupted as e:  # say exactly which command continues the run
             raise TrainingInterrupted(f"{e}: {_resume_command(args, out)}", e.signum) from None
     finally:

@@ -14,11 +14,13 @@ from .errors import ConfigError
 
 __all__ = [
     "VAEConfig", "DATASETS", "LIKELIHOODS", "BINARIZATIONS", "ELBOS", "GUIDES", "DEVICES", "NONFINITE",
-    "ESTIMATORS", "BASELINES",
+    "ESTIMATORS", "BASELINES", "ARCHS", "MODULES",
 ]
 
 DATASETS = ("mnist-5k", "mnist", "fashion-mnist")
-LIKELIHOODS = ("bernoulli", "normal")
+LIKELIHOODS = ("bernoulli", "normal", "continuous-bernoulli")
+ARCHS = ("mlp", "conv")  # built-in encoder/decoder networks (pyro_vae.program.networks)
+MODULES = ("encoder", "decoder")  # the networks a user may supply as their own nn.Module
 BINARIZATIONS = ("dynamic", "static", "none")
 ELBOS = ("trace", "meanfield", "jit")
 GUIDES = ("amortized", "mean-field", "semi-amortized")
@@ -32,7 +34,10 @@ BASELINES = ("none", "decaying-avg", "neural")
 class VAEConfig:
     # --- data ---
     dataset: str = "mnist-5k"  # mnist-5k (embedded, offline) | mnist | fashion-mnist
-    data_dir: Optional[str] = None  # folder of MNIST-format IDX files; replaces `dataset`
+    data_dir: Optional[str] = None  # folder of IDX files (any HxW) or of PNG/JPEG images; replaces `dataset`
+    data: Optional[str] = None  # a .npy/.pt tensor file, [N, D] vectors or [N, C, H, W] images; replaces `dataset`
+    labels_file: Optional[str] = None  # with `data`: one integer label per row (.npy, .pt or text, one per line)
+    image_size: Optional[int] = None  # image folders: resize every image to S x S (default: the first image's size)
     binarize: str = "dynamic"  # dynamic: fresh Bernoulli draw per minibatch | static | none
     val_size: int = 500  # images held out of the training file for validation
     split_seed: int = 0  # seed of the shuffle that splits train/validation (fixed across runs)
@@ -40,8 +45,10 @@ class VAEConfig:
     event_shape: Tuple[int, ...] = (1, 28, 28)  # one datum: [C, H, W] image or [D] vector; fit sets it from the data
     # --- model p(x, z) = p(z) p(x|z) ---
     z_dim: int = 20  # dimension of the latent z
-    hidden: Tuple[int, ...] = (400,)  # hidden layer widths; encoder uses them, decoder reversed
-    likelihood: str = "bernoulli"  # bernoulli: one Bernoulli(logits) per pixel | normal: N(mu(z), sigma(z)^2)
+    arch: str = "mlp"  # built-in networks: mlp (fully connected) | conv (strided convs down, transposed convs up)
+    hidden: Tuple[int, ...] = (400,)  # mlp hidden layer widths; encoder uses them, decoder reversed (conv: unused)
+    custom_modules: Tuple[str, ...] = ()  # networks the user supplied (encoder, decoder): load_run needs them again
+    likelihood: str = "bernoulli"  # bernoulli: Bernoulli(logits) per pixel | normal: N(mu(z), sigma(z)^2) | continuous-bernoulli
     min_scale: float = 1e-2  # lower bound on the Normal decoder's sigma (density cannot blow up)
     # --- variational family q(z|x) ---
     guide: str = "amortized"  # amortized (one shared encoder) | mean-field (free local params) | semi-amortized
@@ -67,6 +74,7 @@ class VAEConfig:
     def __post_init__(self):
         self.hidden = tuple(int(h) for h in self.hidden)
         self.event_shape = tuple(int(d) for d in self.event_shape)
+        self.custom_modules = tuple(str(m) for m in self.custom_modules)
         self.check()
 
     def check(self) -> "VAEConfig":
@@ -81,9 +89,10 @@ class VAEConfig:
             "on_nonfinite": NONFINITE,
             "estimator": ESTIMATORS,
             "baseline": BASELINES,
+            "arch": ARCHS,
         }
         for name, allowed in choices.items():
-            if name == "dataset" and self.data_dir is not None:
+            if name == "dataset" and (self.data_dir is not None or self.data is not None):
                 continue
             if getattr(self, name) not in allowed:
                 raise ConfigError(
@@ -94,6 +103,8 @@ class VAEConfig:
                 raise ConfigError(f"{name} must be a positive integer; got {getattr(self, name)}")
         if not self.event_shape or min(self.event_shape) < 1 or len(self.event_shape) not in (1, 3):
             raise ConfigError(f"event_shape must be [C, H, W] or [D] with positive sizes; got {list(self.event_shape)}")
+        self._check_sources()
+        self._check_networks()
         if not self.hidden or min(self.hidden) < 1:
             raise ConfigError(f"hidden must be positive layer widths, e.g. 400 or 500,500; got {self.hidden}")
         if self.refine_steps < 0:
@@ -118,6 +129,25 @@ class VAEConfig:
             raise ConfigError(f"limit must be a positive integer; got {self.limit}")
         return self
 
+    def _check_sources(self) -> None:
+        if self.data is not None and self.data_dir is not None:
+            raise ConfigError("give either data (a tensor file) or data_dir (a folder), not both")
+        if self.labels_file is not None and self.data is None:
+            raise ConfigError("labels_file labels the rows of a data tensor file; give data too (folders have their own labels)")
+        if self.image_size is not None and self.image_size < 1:
+            raise ConfigError(f"image_size must be a positive integer; got {self.image_size}")
+
+    def _check_networks(self) -> None:
+        unknown = [m for m in self.custom_modules if m not in MODULES]
+        if unknown or len(set(self.custom_modules)) != len(self.custom_modules):
+            raise ConfigError(f"custom_modules must name each of {', '.join(MODULES)} at most once; got {list(self.custom_modules)}")
+        if self.arch == "conv" and set(MODULES) - set(self.custom_modules):
+            if len(self.event_shape) != 3:
+                raise ConfigError(f"arch=conv needs images [C, H, W]; the data are vectors of {self.event_shape[0]} numbers "
+                                  "(use arch=mlp)")
+            if min(self.event_shape[1:]) < 4:
+                raise ConfigError(f"arch=conv needs images of at least 4x4 pixels; got {self.event_shape[1]}x{self.event_shape[2]}")
+
     @property
     def x_dim(self) -> int:
         """Numbers in one datum (pixels times channels, or the vector's length)."""
@@ -133,6 +163,7 @@ class VAEConfig:
         d = dataclasses.asdict(self)
         d["hidden"] = list(self.hidden)
         d["event_shape"] = list(self.event_shape)
+        d["custom_modules"] = list(self.custom_modules)
         return d
 
     @classmethod

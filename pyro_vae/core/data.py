@@ -1,5 +1,7 @@
-"""Images for the VAE: the embedded MNIST-5k subset, torchvision's MNIST/Fashion-MNIST, or any
-folder of MNIST-format IDX files; train/validation/test splits and binarization.
+"""Images for the VAE: the embedded MNIST-5k subset, torchvision's MNIST/Fashion-MNIST, a folder
+of MNIST-format IDX files (any H x W) or of PNG/JPEG images (:mod:`pyro_vae.core.sources`), a
+``.npy``/``.pt`` tensor file, or a tensor or ``Dataset`` handed over in Python
+(:func:`as_image_data`); train/validation/test splits and binarization, the same for every source.
 
 Images are returned flattened, as one float tensor ``[N, D]`` with values in ``[0, 1]``, with the
 shape of one image (``event_shape``, ``[C, H, W]``; ``[D]`` for plain vectors) beside it: the whole
@@ -24,15 +26,29 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from .config import VAEConfig
+from .config import BINARIZATIONS, VAEConfig
 from .errors import ConfigError, DataError, IDXError
+from .sources import (
+    folder_classes,
+    image_folder_parts,
+    images_from_tensor,
+    is_image_folder,
+    read_image_folder,
+    read_labels,
+    read_tensor_file,
+    tensor_from_dataset,
+)
 
 __all__ = [
     "ImageData",
     "load_splits",
     "eval_binarized",
     "check_images",
+    "check_shape_matches",
     "load_dataset",
+    "as_image_data",
+    "source_options",
+    "kind_of_test_split",
     "read_idx",
     "write_idx",
     "EMBEDDED_DIR",
@@ -168,11 +184,6 @@ def _read_pair(folder: Path, prefix: str, need_labels: bool):
     images = read_idx(images_path)
     if images.ndim != 3:
         raise IDXError(f"{images_path}: expected a 3-d array of images, got shape {images.shape}")
-    if images.shape[1:] != (28, 28):
-        raise IDXError(
-            f"{images_path}: images are {images.shape[1]}x{images.shape[2]}; "
-            "pyro-vae supports 28x28 MNIST-format images only"
-        )
     if images.shape[0] == 0:
         raise IDXError(f"{images_path}: holds no images")
     if images.dtype == np.uint8:
@@ -228,6 +239,9 @@ def load_dataset(
     split: str = "train",
     *,
     data_dir=None,
+    data=None,
+    labels_file=None,
+    image_size: Optional[int] = None,
     val_size: int = 500,
     split_seed: int = 0,
     limit: Optional[int] = None,
@@ -236,10 +250,16 @@ def load_dataset(
 ) -> ImageData:
     """Load one split of a data set as an :class:`ImageData`.
 
-    ``train`` and ``val`` come from the training file: its rows are shuffled with ``split_seed``
+    Sources: ``dataset`` (a name), or ``data_dir`` (a folder of IDX files of any H x W, or of
+    PNG/JPEG images, flat or in class subfolders, resized to ``image_size`` if given), or ``data``
+    (a ``.npy``/``.pt`` file, or in Python a tensor, array or ``Dataset``: ``[N, D]`` vectors or
+    ``[N, C, H, W]`` images, floats or uint8), with ``labels_file`` (one integer per row).
+
+    ``train`` and ``val`` come from the training part: its rows are shuffled with ``split_seed``
     (MNIST-5k is sorted by class) and the last ``val_size`` rows are held out. ``test`` is the
-    ``t10k`` file. A ``data_dir`` holding only the ``t10k`` pair serves the ``test`` split.
-    ``limit`` keeps the first rows of the (shuffled) split.
+    ``t10k`` IDX file, the ``test/`` subfolder of an image folder with ``train/`` and ``test/``, and
+    otherwise (an image folder, a tensor) all of it. A ``data_dir`` holding only the ``t10k`` pair
+    serves the ``test`` split. ``limit`` keeps the first rows of the (shuffled) split.
 
     With ``binarize="static"`` the pixels are replaced, once, by a Bernoulli draw seeded by
     ``split_seed``; ``dynamic`` and ``none`` return grey values (the training loop draws dynamic
@@ -247,30 +267,10 @@ def load_dataset(
     """
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
-    if data_dir is not None:
-        folder, name = Path(data_dir), str(data_dir)
-        if not folder.is_dir():
-            raise DataError(f"--data-dir {folder}: {'not a folder' if folder.exists() else 'no such folder'}")
-    elif dataset == "mnist-5k":
-        folder, name = EMBEDDED_DIR, "mnist-5k"
-        if split == "test":
-            raise DataError(
-                "mnist-5k has no test split (it is a subset of MNIST's training file); "
-                "use --split val, or --data-dir with a folder holding t10k-* IDX files"
-            )
-    elif dataset in ("mnist", "fashion-mnist"):
-        folder, name = _torchvision_folder(dataset, train=split != "test"), dataset
-    else:
-        raise ConfigError(f"unknown dataset {dataset!r}; choose mnist-5k, mnist or fashion-mnist, or use --data-dir")
-
-    prefix = "t10k" if split == "test" else "train"
-    pair = _read_pair(folder, prefix, need_labels)
-    if pair is None:
-        raise DataError(
-            f"{folder}: no {prefix}-images-idx3-ubyte[.gz] file "
-            f"(needed for the {split} split; the folder holds {_listing(folder)})"
-        )
-    images, labels, event_shape = pair
+    if binarize not in BINARIZATIONS:
+        raise ConfigError(f"binarize must be dynamic, static or none; got {binarize!r}")
+    images, labels, event_shape, name = _read_source(dataset, split, data_dir, data, labels_file, image_size,
+                                                     need_labels)
     if split != "test":
         n = len(images)
         if val_size >= n:
@@ -284,11 +284,154 @@ def load_dataset(
         labels = None if labels is None else labels[:limit]
     if len(images) == 0:
         raise DataError(f"the {split} split of {name} is empty")
-    if binarize not in ("dynamic", "static", "none"):
-        raise ConfigError(f"binarize must be dynamic, static or none; got {binarize!r}")
+    return _finish(images, labels, name, split, binarize, event_shape, split_seed)
+
+
+def _finish(images, labels, name, split, binarize, event_shape, seed) -> ImageData:
+    """An :class:`ImageData`, binarized once (seeded by ``seed + 1``) when ``binarize="static"``."""
     if binarize == "static":
-        images = torch.bernoulli(images, generator=torch.Generator().manual_seed(split_seed + 1))
-    return ImageData(images.contiguous(), labels, name, split, binarize, event_shape)
+        _check_probabilities(images, f"{name} {split}")
+        images = torch.bernoulli(images, generator=torch.Generator().manual_seed(seed + 1))
+    return ImageData(images.contiguous(), labels, name, split, binarize, tuple(event_shape))
+
+
+def _check_probabilities(x: torch.Tensor, what: str) -> None:
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 1:
+        raise DataError(f"{what}: pixel values must lie in [0, 1] (probabilities of ink); found [{lo:g}, {hi:g}]")
+
+
+def _read_source(dataset, split, data_dir, data, labels_file, image_size, need_labels):
+    """``(images [N, D], labels, event_shape, name)``: all rows of the part of the source that
+    serves ``split`` (the training part for train/val)."""
+    if data is not None and data_dir is not None:
+        raise ConfigError("give either data (a tensor file) or data_dir (a folder), not both")
+    if labels_file is not None and data is None:
+        raise ConfigError("labels_file labels the rows of a data tensor file; give data too")
+    folder = None if data_dir is None else Path(data_dir)
+    if folder is not None and not folder.is_dir():
+        raise DataError(f"--data-dir {folder}: {'not a folder' if folder.exists() else 'no such folder'}")
+    images_folder = folder is not None and _holds_images(folder)
+    if image_size is not None and not images_folder:
+        raise ConfigError("image_size (--image-size) resizes the images of an image folder (--data-dir); "
+                          "this source is not one")
+    if data is not None:
+        images, labels, event_shape, name = _read_tensor_source(data, labels_file)
+    elif folder is not None:
+        name = str(data_dir)
+        reader = _read_image_split if images_folder else _read_idx_split
+        images, labels, event_shape = reader(folder, split, need_labels, image_size)
+    else:
+        folder, name = _named_folder(dataset, split)
+        images, labels, event_shape = _read_idx_split(folder, split, need_labels)
+    if need_labels and labels is None:
+        raise DataError(f"{name}: no labels (a flat image folder, or a tensor without --labels-file)")
+    return images, labels, event_shape, name
+
+
+def _named_folder(dataset: str, split: str) -> Tuple[Path, str]:
+    if dataset == "mnist-5k":
+        if split == "test":
+            raise DataError(
+                "mnist-5k has no test split (it is a subset of MNIST's training file); "
+                "use --split val, or --data-dir with a folder holding t10k-* IDX files"
+            )
+        return EMBEDDED_DIR, "mnist-5k"
+    if dataset in ("mnist", "fashion-mnist"):
+        return _torchvision_folder(dataset, train=split != "test"), dataset
+    raise ConfigError(f"unknown dataset {dataset!r}; choose mnist-5k, mnist or fashion-mnist, or use --data-dir/--data")
+
+
+def _is_idx_folder(folder: Path) -> bool:
+    return any(_find(folder, f"{prefix}-images-idx3-ubyte") for prefix in ("train", "t10k"))
+
+
+def _holds_images(folder: Path) -> bool:
+    """A folder read as PNG/JPEG images: it has images and no IDX files (those come first)."""
+    return not _is_idx_folder(folder) and is_image_folder(folder)
+
+
+def _read_idx_split(folder: Path, split: str, need_labels: bool, image_size=None):
+    prefix = "t10k" if split == "test" else "train"
+    pair = _read_pair(folder, prefix, need_labels)
+    if pair is None:
+        images = "no PNG/JPEG images and no " if not _is_idx_folder(folder) else "no "
+        raise DataError(
+            f"{folder}: {images}{prefix}-images-idx3-ubyte[.gz] file "
+            f"(needed for the {split} split; the folder holds {_listing(folder)})"
+        )
+    return pair
+
+
+def _read_image_split(folder: Path, split: str, need_labels: bool, image_size=None):
+    """The part of an image folder that serves ``split`` (labels: the training part's classes)."""
+    train, test = image_folder_parts(folder)
+    if split == "test" and test is not None:
+        images, labels, event_shape, _ = read_image_folder(test, image_size, folder_classes(train))
+    else:
+        images, labels, event_shape, _ = read_image_folder(train, image_size)
+    return images, labels, event_shape
+
+
+def _read_tensor_source(data, labels_file):
+    """A tensor file (path) or, in Python, a tensor/array/Dataset."""
+    if isinstance(data, (str, os.PathLike)):
+        name = str(data)
+        raw, labels = read_tensor_file(data), None
+    else:
+        name = type(data).__name__
+        raw, labels = _raw_from_object(data)
+    images, event_shape = images_from_tensor(raw, f"--data {name}" if isinstance(data, (str, os.PathLike)) else name)
+    if labels_file is not None:
+        labels = read_labels(labels_file, len(images))
+    return images, labels, event_shape, name
+
+
+def _raw_from_object(obj):
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        return torch.as_tensor(obj), None
+    if isinstance(obj, torch.utils.data.Dataset) or (hasattr(obj, "__getitem__") and hasattr(obj, "__len__")):
+        return tensor_from_dataset(obj)
+    raise DataError(f"cannot use a {type(obj).__name__} as data: give an ImageData, a tensor or array "
+                    "([N, D] vectors or [N, C, H, W] images) or a torch Dataset of images")
+
+
+def as_image_data(obj, *, split: str = "train", binarize: str = "dynamic", name: Optional[str] = None,
+                  seed: int = 0) -> ImageData:
+    """Data handed over in Python as an :class:`ImageData` (all of it, no hold-out): an
+    ``ImageData`` (returned as it is), a tensor or numpy array (``[N, D]`` vectors or ``[N, C, H, W]``
+    images, floats or uint8), or a map-style ``torch.utils.data.Dataset`` whose items are an image
+    (tensor, array or PIL image) or ``(image, label)``. ``binarize="static"`` draws one
+    binarization seeded by ``seed + 1``. :func:`~pyro_vae.infer.svi.fit` calls it on ``train_data``."""
+    if isinstance(obj, ImageData):
+        return obj
+    if binarize not in BINARIZATIONS:
+        raise ConfigError(f"binarize must be dynamic, static or none; got {binarize!r}")
+    raw, labels = _raw_from_object(obj)
+    name = name or type(obj).__name__
+    images, event_shape = images_from_tensor(raw, name)
+    return _finish(images, labels, name, split, binarize, event_shape, seed)
+
+
+def kind_of_test_split(dataset: Optional[str], data_dir=None, data=None) -> str:
+    """How a source serves the ``test`` split: ``separate`` (a ``t10k`` file, a ``test/`` image
+    folder, torchvision's test set), ``whole`` (the source itself: a tensor, an image folder
+    without ``train/`` and ``test/``) or ``none`` (MNIST-5k, an IDX folder without ``t10k``)."""
+    if data is not None:
+        return "whole"
+    if data_dir is None:
+        return "none" if dataset == "mnist-5k" else "separate"
+    folder = Path(data_dir)
+    if not _holds_images(folder):
+        return "separate" if _find(folder, "t10k-images-idx3-ubyte") else "none"
+    return "separate" if image_folder_parts(folder)[1] is not None else "whole"
+
+
+def source_options(config: VAEConfig) -> dict:
+    """The keyword arguments of :func:`load_dataset` that ``config``'s data settings give."""
+    return dict(data_dir=config.data_dir, data=config.data, labels_file=config.labels_file,
+                image_size=config.image_size, val_size=config.val_size, split_seed=config.split_seed,
+                binarize=config.binarize)
 
 
 def _listing(folder: Path) -> str:
@@ -303,12 +446,7 @@ def _listing(folder: Path) -> str:
 
 def load_splits(config: VAEConfig):
     """``(train, val)`` :class:`ImageData` as the config describes (val is ``None`` if val_size=0)."""
-    common = dict(
-        data_dir=config.data_dir,
-        val_size=config.val_size,
-        split_seed=config.split_seed,
-        binarize=config.binarize,
-    )
+    common = source_options(config)
     train = load_dataset(config.dataset, "train", limit=config.limit, **common)
     val = load_dataset(config.dataset, "val", **common) if config.val_size > 0 else None
     return train, val
@@ -322,10 +460,18 @@ def eval_binarized(data: ImageData, seed: int = 0) -> torch.Tensor:
     return torch.bernoulli(data.images.cpu(), generator=g).to(data.images.device)
 
 
+def check_shape_matches(data: ImageData, event_shape, what: str = "the run") -> None:
+    """:class:`DataError` unless one datum of ``data`` has the shape ``what`` was trained on."""
+    if tuple(data.event_shape) != tuple(event_shape):
+        shape = lambda s: "x".join(map(str, s))  # noqa: E731
+        raise DataError(f"{what} was trained on data of shape {shape(event_shape)}; {data.describe()} has shape "
+                        f"{shape(data.event_shape)} (image folders: --image-size resizes)")
+
+
 def check_images(data: ImageData, config: VAEConfig) -> None:
     """:class:`DataError` unless ``data`` is ``[N, D]`` with ``D`` the size of its ``event_shape``,
-    finite and, where pixels are read as probabilities of ink (Bernoulli likelihood or any
-    binarization), within ``[0, 1]``.
+    finite and, where pixels are read as probabilities of ink or grey values (Bernoulli or
+    continuous Bernoulli likelihood, or any binarization), within ``[0, 1]``.
 
     Out-of-range values are rejected, not clipped: they mean the data was scaled wrongly.
     """
@@ -335,9 +481,5 @@ def check_images(data: ImageData, config: VAEConfig) -> None:
         raise DataError(f"{data.describe()}: images must be flattened {shape}, [N, {size}]; got {list(x.shape)}")
     if not bool(torch.isfinite(x).all()):
         raise DataError(f"{data.describe()}: images contain NaN or infinite values")
-    if config.likelihood == "bernoulli" or data.binarize != "none":
-        lo, hi = float(x.min()), float(x.max())
-        if lo < 0 or hi > 1:
-            raise DataError(
-                f"{data.describe()}: pixel values must lie in [0, 1] (probabilities of ink); found [{lo:g}, {hi:g}]"
-            )
+    if config.likelihood in ("bernoulli", "continuous-bernoulli") or data.binarize != "none":
+        _check_probabilities(x, data.describe())

@@ -7,6 +7,7 @@ __all__ = [
     "IDXError",
     "CheckpointError",
     "TrainingError",
+    "ResourceError",
     "TrainingInterrupted",
 ]
 
@@ -37,6 +38,11 @@ class CheckpointError(PyroVAEError):
 
 class TrainingError(PyroVAEError):
     """Training that cannot go on (a non-finite loss or parameters); the last good checkpoint is kept."""
+
+
+class ResourceError(PyroVAEError):
+    """The machine lacks what a command needs: memory for the model and its training, or space on
+    the disk for a file (files being replaced are kept whole)."""
 
 
 class TrainingInterrupted(PyroVAEError):

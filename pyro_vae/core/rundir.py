@@ -24,11 +24,13 @@ import pyro
 import torch
 
 from .config import VAEConfig
-from .errors import CheckpointError, ConfigError, PyroVAEError
+from .errors import CheckpointError, ConfigError, PyroVAEError, ResourceError
+from .resources import DISK_FULL_ERRNOS, disk_full_error, free_disk, human_bytes, is_allocation_error, mount_point
 
 __all__ = [
     "save_checkpoint", "load_checkpoint", "prepare_run_dir", "clear_run_files", "check_resumable", "rng_state",
-    "set_rng_state", "extra_params", "write_json", "atomic_write", "RUN_FILES", "FIGURE_FILES", "RESUME_MAY_CHANGE",
+    "set_rng_state", "extra_params", "write_json", "atomic_write", "disk_full_message", "RUN_FILES", "FIGURE_FILES",
+    "RESUME_MAY_CHANGE",
 ]
 
 CHECKPOINT_FORMAT = "pyro-vae/1"
@@ -49,19 +51,41 @@ def write_json(path: Path, obj) -> None:
 
 
 def atomic_write(path: Path, write) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written file."""
+    """Write to a temporary file in the same folder, then rename: never a half-written file.
+
+    A full disk (or quota), however the writer reports it (``OSError`` ENOSPC, ``torch.save``'s
+    ``RuntimeError: ... unexpected pos ...``), raises :class:`ResourceError` naming the file, the
+    free space and that the previous version of the file is intact; the temporary file is removed."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        if e.errno in DISK_FULL_ERRNOS:
+            raise ResourceError(disk_full_message(path)) from None
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the name points at it
         os.replace(tmp, path)  # atomic: readers see the old file or the new one, never a mix
-    except BaseException:
+    except BaseException as e:
+        full = isinstance(e, Exception) and disk_full_error(e, path.parent)  # asked while tmp still fills it
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if full:
+            raise ResourceError(disk_full_message(path)) from None
         raise
+
+
+def disk_full_message(path: Path) -> str:
+    """``the disk is full: cannot write PATH (only N left on the file system at MOUNT); the previous
+    NAME is intact`` (or, where there was none: nothing was written to NAME)."""
+    path = Path(path)
+    free = free_disk(path.parent)
+    room = "" if free is None else f" (only {human_bytes(free)} left on the file system at {mount_point(path.parent)})"
+    kept = f"the previous {path.name} is intact" if path.exists() else f"nothing was written to {path.name}"
+    return f"the disk is full: cannot write {path}{room}; {kept}"
 
 
 def prepare_run_dir(out, overwrite: bool = False, resume: bool = False) -> Path:
@@ -178,7 +202,11 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: no checkpoint there")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as e:  # unreadable, gone since the check above, too many open files: not a bad file
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({e.strerror or e})") from None
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+        if is_allocation_error(e):  # too large for this machine's memory: the CLI says so
+            raise
         if re.search(r"(?i)unsupported global|not an allowed global", str(e)):
             name = re.search(r"GLOBAL ([\w.]+)", str(e))
             what = name.group(1) if name else "unknown"

@@ -29,7 +29,8 @@ import torch
 from ..core.config import GUIDES, VAEConfig
 from ..core.data import eval_binarized, load_splits
 from ..core.errors import ConfigError
-from ..core.rundir import write_json
+from ..core.rundir import atomic_write, write_json
+from ..infer.cache import digest, remember
 from ..infer.evaluate import evaluate
 from ..infer.local import LocalFit, fit_local
 from ..infer.run import Run, load_run
@@ -108,17 +109,19 @@ def local_fit_curves(run: Run, x: torch.Tensor, steps: int, seed: int = 0) -> Di
     return curves
 
 
-def plot_local_fit(curves: Dict[str, LocalFit], amortized_elbo: Optional[float], title: str):
+def plot_local_fit(curves: Dict[str, dict], amortized_elbo: Optional[float], title: str):
+    """The local-fit curves (``{name: {"steps": [...], "elbo": [...]}}``, as in the result of
+    :func:`compare_guides`) with the encoder's ELBO as a line."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, c in curves.items():
-        ax.plot(c.steps, c.elbo, label=f"local fit, {name}")
+        ax.plot(c["steps"], c["elbo"], label=f"local fit, {name}")
     if amortized_elbo is not None:
         ax.axhline(amortized_elbo, color="k", ls="--", lw=1, label="amortized encoder")
     ax.set_xlabel("local optimisation step (Adam)")
     ax.set_ylabel("held-out ELBO (nats / image)")
-    lows = [min(c.elbo[len(c.elbo) // 10:]) for c in curves.values()]  # skip the first, steep steps
+    lows = [min(c["elbo"][len(c["elbo"]) // 10:]) for c in curves.values()]  # skip the first, steep steps
     ax.set_ylim(bottom=min(lows + ([amortized_elbo] if amortized_elbo is not None else [])) - 5)
     ax.set_title(title)
     ax.legend()
@@ -139,11 +142,16 @@ def compare_guides(
     out=None,
     progress: bool = False,
     log=print,
+    cache=False,
 ) -> dict:
     """Train one VAE per guide on the same data, split and seed (or load ``runs``), then report
     ELBO[q], ELBO[q*], IWAE and the two gaps on ``limit`` validation images.
 
     Writes ``comparison.md``, ``comparison.json`` and ``local_fit.png`` into ``out`` if given.
+    With ``cache`` (``True`` or a cache folder, see :mod:`pyro_vae.infer.cache`) each guide's run
+    comes from the run cache (``fit(..., cache=True)``; its ``train s`` is the training time its
+    history records) and so does the evaluation, keyed by the runs' parameters, the images and
+    every setting: a second call with the same settings trains and evaluates nothing.
     """
     bad = [g for g in guides if g not in GUIDES]
     if bad:
@@ -151,20 +159,46 @@ def compare_guides(
     out = Path(out) if out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    trained: List[tuple] = []
-    if runs:
-        trained = [(load_run(r), None) for r in runs]
-    else:
-        for guide in guides:
-            start = time.perf_counter()
-            run = fit(config.replace(guide=guide), out / guide if out is not None else None,
-                      progress=progress, overwrite=True, log=lambda s: None)
-            trained.append((run, time.perf_counter() - start))
-            log(f"trained {guide} in {trained[-1][1]:.0f}s")
+    trained = _trained_runs(config, guides, runs, out, progress, log, cache)
     _, val = load_splits(trained[0][0].config)
     if val is None:
         raise ConfigError("compare-guides needs held-out images: use a val_size > 0")
     x = eval_binarized(val)[:limit]
+    settings = dict(iwae_k=iwae_k, local_steps=local_steps, star_steps=star_steps)
+    measure = lambda: _measure(trained, x, val, progress=progress, log=log, **settings)  # noqa: E731
+    if cache:
+        key = dict(settings, images=digest(x), dataset=val.name, split=val.split, binarize=val.binarize,
+                   runs=[[r.config.guide, r.config.epochs, digest(r.vae)] for r, _ in trained])
+        result = remember("compare-guides", key, measure, root=cache, log=log)
+    else:
+        result = measure()
+    if out is not None:
+        _write_comparison(result, out)
+    return result
+
+
+def _trained_runs(config, guides, runs, out, progress, log, cache) -> List[tuple]:
+    """``[(run, training seconds or None)]``: ``runs`` loaded, or one run per guide trained (or
+    loaded from the run cache)."""
+    if runs:
+        return [(load_run(r), None) for r in runs]
+    trained = []
+    for guide in guides:
+        start = time.perf_counter()
+        if cache:
+            run = fit(config.replace(guide=guide), progress=progress, log=lambda s: None, cache=cache)
+            seconds = sum(h.get("seconds", 0.0) for h in run.history)  # the training's, not the loading's
+        else:
+            run = fit(config.replace(guide=guide), out / guide if out is not None else None,
+                      progress=progress, overwrite=True, log=lambda s: None)
+            seconds = time.perf_counter() - start
+        trained.append((run, seconds))
+        log(f"trained {guide} in {seconds:.0f}s" + (f" (run cache: {run.path})" if cache else ""))
+    return trained
+
+
+def _measure(trained, x, val, *, iwae_k, local_steps, star_steps, progress, log) -> dict:
+    """The gap reports of the trained runs on ``x`` and the local-fit curves, as a JSON-ready dict."""
     reports = []
     for run, seconds in trained:
         report, _ = gap_report(run, x, iwae_k=iwae_k, local_steps=local_steps, star_steps=star_steps,
@@ -173,8 +207,7 @@ def compare_guides(
         log(f"evaluated {report.guide}: ELBO {report.elbo:.2f}, IWAE {report.iwae:.2f}")
     reference = next((r for r, _ in trained if r.vae.inference.amortized), trained[0][0])
     curves = local_fit_curves(reference, x, steps=star_steps)
-    own = next((rep.elbo for rep in reports if rep.guide == reference.config.guide), None)
-    result = {
+    return {
         "dataset": val.name,
         "split": val.split,
         "binarize": val.binarize,
@@ -186,17 +219,22 @@ def compare_guides(
         "guides": [r.to_dict() for r in reports],
         "local_fit": {name: {"steps": c.steps, "elbo": c.elbo} for name, c in curves.items()},
         "local_fit_decoder": reference.config.guide,
+        "local_fit_amortized": bool(reference.vae.inference.amortized),
     }
-    if out is not None:
-        write_json(out / "comparison.json", result)
-        (out / "comparison.md").write_text(to_markdown(result))
-        fig = plot_local_fit(curves, own if reference.vae.inference.amortized else None,
-                             f"held-out local fit, {reference.config.guide} decoder")
-        fig.savefig(out / "local_fit.png", dpi=80)
-        import matplotlib.pyplot as plt
 
-        plt.close(fig)
-    return result
+
+def _write_comparison(result: dict, out: Path) -> None:
+    """``comparison.json``, ``comparison.md`` and ``local_fit.png`` into ``out``."""
+    write_json(out / "comparison.json", result)
+    atomic_write(out / "comparison.md", lambda f: f.write(to_markdown(result).encode()))
+    decoder = result["local_fit_decoder"]
+    own = next((r["elbo"] for r in result["guides"] if r["guide"] == decoder), None)
+    fig = plot_local_fit(result["local_fit"], own if result.get("local_fit_amortized", True) else None,
+                         f"held-out local fit, {decoder} decoder")
+    atomic_write(out / "local_fit.png", lambda f: fig.savefig(f, format="png", dpi=80))
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
 
 
 def to_markdown(result: dict) -> str:

@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 import torch
 from torchvision.utils import make_grid
 
+from ..core.rundir import atomic_write
 from ..infer.callbacks import Callback
 
 __all__ = ["plot_elbo", "plot_reconstructions", "plot_samples", "plot_latent", "plot_manifold", "save_figures",
@@ -93,10 +94,11 @@ def plot_manifold(run, n: int = 15, span: float = 2.5):
     return _show(_images(images, n, run.config.event_shape), f"decoded grid over z in [-{span}, {span}]^2", (7, 7))
 
 
-def save_figures(run, data) -> None:
+def save_figures(run, data, log=None) -> None:
     """Write ``elbo.png``, ``reconstructions.png``, ``samples.png``, ``latent.png`` (and
-    ``manifold.png`` when z_dim = 2) into the run folder, using ``data`` for images. Data that
-    are plain vectors (``event_shape`` ``[D]``) get the ELBO curve and the latent plot only."""
+    ``manifold.png`` when z_dim = 2) into the run folder, using ``data`` for images (grey or
+    colour grids). Data that are plain vectors (``event_shape`` ``[D]``) get the ELBO curve and the
+    latent plot only, with a note to ``log``."""
     out = Path(run.path)
     n = 2000 if run.vae.inference.amortized else 500  # guides without an encoder fit each image
     x = data.images[:n]
@@ -109,8 +111,11 @@ def save_figures(run, data) -> None:
         figures["samples.png"] = plot_samples(run)
         if run.config.z_dim == 2:
             figures["manifold.png"] = plot_manifold(run)
+    elif log is not None:
+        log(f"note: the data are vectors of {run.config.x_dim} numbers, not images: "
+            "reconstructions.png, samples.png and manifold.png are not drawn")
     for name, fig in figures.items():
-        fig.savefig(out / name, dpi=DPI)
+        atomic_write(out / name, lambda f, fig=fig: fig.savefig(f, format="png", dpi=DPI))  # a full disk: one line
         plt.close(fig)
 
 
@@ -120,4 +125,5 @@ class SaveFigures(Callback):
 
     def on_train_end(self, trainer) -> None:
         if trainer.folder is not None:
-            save_figures(trainer.run, trainer.val_data if trainer.val_data is not None else trainer.train_data)
+            save_figures(trainer.run, trainer.val_data if trainer.val_data is not None else trainer.train_data,
+                         trainer.log)

@@ -16,6 +16,7 @@ from pyro.infer import Trace_ELBO
 
 from ..core.errors import ConfigError
 from ..core.rundir import atomic_write, write_json
+from ..infer.cache import digest, remember
 from ..infer.estimators import baseline_elbo, estimator_mode, fresh_averages
 from ..program.sites import baseline_net
 from .plots import DPI, plt
@@ -193,6 +194,7 @@ def gradient_variance(
     sweep: Iterable[int] = SWEEP,
     warmup: int = WARMUP,
     seed: int = 0,
+    cache=False,
 ) -> dict:
     """Compare gradient estimators on the fixed minibatch ``x``: for each, the norm of the mean
     gradient, the total variance, the signal-to-noise ratio and the variance as a ratio to the
@@ -203,7 +205,9 @@ def gradient_variance(
     reparameterized and the score-function estimates then share their z draws, so their decoder
     gradients coincide and the comparison isolates how each treats the encoder.
 
-    Returns a JSON-ready dict (:func:`format_table`, :func:`plot_grad_variance` read it).
+    Returns a JSON-ready dict (:func:`format_table`, :func:`plot_grad_variance` read it). With
+    ``cache`` (``True`` or a cache folder) the dict is computed once and kept in the run cache
+    (:func:`pyro_vae.infer.cache.remember`), keyed by the parameters, ``x`` and every setting.
     """
     vae = getattr(run_or_vae, "vae", run_or_vae)
     estimators = list(dict.fromkeys(estimators))
@@ -218,6 +222,16 @@ def gradient_variance(
     if sweep and sweep[0] < 1:
         raise ConfigError(f"particle counts must be positive; got {sweep}")
     x = x.to(next(vae.parameters()).device)
+    settings = dict(estimators=estimators, repeats=repeats, num_particles=num_particles, sweep=sweep,
+                    warmup=warmup, seed=seed)
+    if not cache:
+        return _lab(vae, x, **settings)
+    key = dict(settings, parameters=digest(vae), images=digest(x))  # the parameters: every network's
+    return remember("grad-variance", key, lambda: _lab(vae, x, **settings), root=cache, log=lambda s: None)
+
+
+def _lab(vae, x, *, estimators, repeats, num_particles, sweep, warmup, seed) -> dict:
+    """:func:`gradient_variance`'s measurements (arguments checked)."""
 
     def measure(name, particles):
         return gradient_moments(
@@ -342,6 +356,6 @@ def write_grad_variance(result: dict, out) -> Dict[str, Path]:
     if result["sweep"]["num_particles"]:
         paths["png"] = out / "grad_variance.png"
         fig = plot_grad_variance(result)
-        fig.savefig(paths["png"], dpi=DPI)
+        atomic_write(paths["png"], lambda f: fig.savefig(f, format="png", dpi=DPI))
         plt.close(fig)
     return paths

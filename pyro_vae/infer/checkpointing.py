@@ -15,7 +15,7 @@ import pyro
 import torch
 
 from ..core.config import VAEConfig
-from ..core.errors import CheckpointError, ConfigError
+from ..core.errors import CheckpointError, ConfigError, ResourceError
 from ..core.rundir import (
     check_resumable,
     clear_run_files,
@@ -25,6 +25,8 @@ from ..core.rundir import (
     set_rng_state,
     write_json,
 )
+from .evaluate import EVAL_FILE
+from .tensorboard import clear_event_files
 
 __all__ = ["Checkpointer", "open_run_folder", "data_fingerprint"]
 
@@ -53,21 +55,40 @@ class Checkpointer:
         self.folder = folder if write else None
         self.vae, self.optimizer, self.config, self.fingerprint = vae, optimizer, config, fingerprint
         self.path = None if folder is None else Path(folder) / "checkpoint.pt"
+        self.last_saved: Optional[str] = None  # what the checkpoint on disk holds, once one is saved or restored
 
     def clear(self) -> None:
-        """Delete a replaced run's files (``overwrite``)."""
+        """Delete a replaced run's files (``overwrite``): the run files and figures, a saved
+        evaluation (``eval.json``) and TensorBoard event files."""
         if self.folder is not None:
             clear_run_files(self.folder)
+            (self.folder / EVAL_FILE).unlink(missing_ok=True)
+            clear_event_files(self.folder)
 
     def write_config(self) -> None:
         if self.folder is not None:
             write_json(self.folder / "config.json", self.config.to_dict())
 
     def save(self, history: List[dict], position: Optional[dict] = None) -> None:
-        """A checkpoint at the end of an epoch, or (``position``) inside one."""
-        if self.folder is not None:
+        """A checkpoint at the end of an epoch, or (``position``) inside one. A full disk raises
+        :class:`ResourceError` saying what the last good checkpoint holds and how to continue."""
+        if self.folder is None:
+            return
+        try:
             save_checkpoint(self.path, self.vae, self.optimizer, self.config, history, position, self.fingerprint)
+        except ResourceError as e:
+            raise self._disk_full(e, "it") from None
+        self.last_saved = _progress(history, position)
+        try:
             write_json(self.folder / "history.json", history)
+        except ResourceError as e:
+            raise self._disk_full(e, self.path.name) from None
+
+    def _disk_full(self, error: ResourceError, subject: str) -> ResourceError:
+        if self.last_saved is None:
+            return ResourceError(f"{error}; no checkpoint yet: free some space, then start again with --overwrite")
+        return ResourceError(f"{error}: {subject} keeps the last good state ({self.last_saved}); "
+                             "free some space, then continue with --resume")
 
     def kept(self, history: List[dict]) -> str:
         """What the run folder still holds after a failure (nothing non-finite is ever saved)."""
@@ -99,6 +120,7 @@ class Checkpointer:
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
             raise CheckpointError(f"{self.path}: cannot resume from this checkpoint ({str(e).splitlines()[0]})") from None
         history[:] = restored
+        self.last_saved = _progress(restored, position)
         return position
 
     def _position(self, position: Optional[dict], epochs_done: int) -> Optional[dict]:
@@ -114,3 +136,9 @@ class Checkpointer:
         if any(not 0 <= s < steps for s in position["skipped"]):
             raise ValueError("skipped steps out of range")
         return dict(position, seconds=float(position["seconds"]), loss_sum=position["loss_sum"].reshape(()))
+
+
+def _progress(history: List[dict], position: Optional[dict]) -> str:
+    """``"3 epochs"`` or ``"3 epochs and 7 steps"``: what a checkpoint holds."""
+    done = f"{len(history)} epoch{'' if len(history) == 1 else 's'}"
+    return done if not position else f"{done} and {position['step']} steps"

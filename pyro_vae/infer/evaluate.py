@@ -30,9 +30,11 @@ are computed from the model's own distributions (:meth:`~pyro_vae.model.VAE.like
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -41,10 +43,11 @@ import pyro.distributions as dist
 import torch
 from torch.distributions import kl_divergence
 from torch.nn import functional as F
-from tqdm import tqdm
 
-from ..core.data import EMBEDDED_DIR, ImageData, eval_binarized, load_dataset
+from ..core.data import ImageData, check_shape_matches, eval_binarized, load_dataset, source_options, kind_of_test_split
 from ..core.errors import ConfigError
+from ..core.progress import tqdm
+from ..core.rundir import write_json
 from .local import fit_local
 from .run import Run, load_run
 
@@ -57,6 +60,9 @@ __all__ = [
     "evaluate",
     "default_split",
     "load_eval_data",
+    "save_result",
+    "checkpoint_digest",
+    "EVAL_FILE",
 ]
 
 #: decoder rows (samples x images) per forward pass when ``chunk_k`` is not given: large enough
@@ -115,7 +121,7 @@ def log_importance_weights(
     with pyro.validation_enabled(False):  # scoring only: no argument checks in the hot loop
         if getattr(getattr(vae, "config", None), "likelihood", None) == "bernoulli":
             # log Bernoulli(x | logits) summed over pixels, as one fused BCE pass
-            logits = vae.decoder(z)  # [k, B, D]
+            logits = vae.decode(z)  # [k, B, D]
             log_px_z = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
         else:
             log_px_z = vae.likelihood(z).log_prob(x)  # [k, B]
@@ -316,12 +322,18 @@ def _encoder_posterior(vae, local_steps: int = 300, seed: int = 0) -> Posterior:
     return posterior
 
 
+#: what the numbers of a likelihood other than the Bernoulli mean
+_DENSITY_NOTES = {
+    "normal": "Normal likelihood: these are log-densities of pixel values, not comparable with Bernoulli log-likelihoods",
+    "continuous-bernoulli": "continuous Bernoulli likelihood: these are log-densities of grey values in [0, 1], "
+    "not comparable with Bernoulli log-likelihoods",
+}
+
+
 def _note(binarize: Optional[str], likelihood: Optional[str]) -> Optional[str]:
-    if binarize == "none" and likelihood != "normal":
+    if binarize == "none" and likelihood not in _DENSITY_NOTES:  # a Bernoulli
         return "--binarize none scores grey values with a Bernoulli: these numbers are not log-likelihoods"
-    if likelihood == "normal":
-        return "Normal likelihood: these are log-densities of pixel values, not comparable with Bernoulli log-likelihoods"
-    return None
+    return _DENSITY_NOTES.get(likelihood)
 
 
 def evaluate(
@@ -365,6 +377,8 @@ def evaluate(
     config = getattr(vae, "config", None)
 
     if isinstance(images, ImageData):
+        if config is not None:
+            check_shape_matches(images, config.event_shape, "the model" if run is None else f"run {run.path}")
         meta = dict(dataset=images.name, split=images.split, binarize=images.binarize)
         x_all = eval_binarized(images)  # [N, D], one seeded binarization
     else:
@@ -427,20 +441,37 @@ def _score_images(vae, x_all, posterior: Posterior, iwae_k, elbo_samples, batch_
     return {key: torch.cat(parts) for key, parts in per_image.items()}
 
 
+#: the file ``pyro-vae evaluate RUN_DIR --save`` writes into the run folder (``pyro-vae runs`` reads it)
+EVAL_FILE = "eval.json"
+
+
+def checkpoint_digest(path) -> str:
+    """The SHA-256 of a checkpoint file: which trained state an evaluation describes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_result(result: EvalResult, checkpoint) -> Path:
+    """Write ``result`` as :data:`EVAL_FILE` into the folder of ``checkpoint`` (the file evaluated,
+    usually ``RUN_DIR/checkpoint.pt``), with the checkpoint's :func:`checkpoint_digest` as
+    ``checkpoint_sha256``: a reader can tell whether it still describes the run (a resumed or
+    replaced run has another checkpoint). Returns the path written."""
+    checkpoint = Path(checkpoint)
+    path = checkpoint.parent / EVAL_FILE
+    write_json(path, {**result.to_dict(), "checkpoint_sha256": checkpoint_digest(checkpoint)})
+    return path
+
+
 # ----------------------------------------------------------------------------- data and CLI
 
 
-def default_split(dataset: Optional[str], data_dir=None) -> str:
-    """``test`` where the data has a test split (a ``t10k-images`` file), else ``val``."""
-    from pathlib import Path
-
-    if data_dir is not None:
-        folder = Path(data_dir)
-    elif dataset == "mnist-5k":
-        folder = EMBEDDED_DIR
-    else:
-        return "test"  # torchvision's mnist, fashion-mnist
-    return "test" if any((folder / f"t10k-images-idx3-ubyte{gz}").is_file() for gz in ("", ".gz")) else "val"
+def default_split(dataset: Optional[str], data_dir=None, data=None) -> str:
+    """``test`` where the data has a separate test split (a ``t10k-images`` file, a ``test/``
+    image folder, torchvision's test set), else ``val``."""
+    return "test" if kind_of_test_split(dataset, data_dir, data) == "separate" else "val"
 
 
 def load_eval_data(
@@ -449,26 +480,28 @@ def load_eval_data(
     *,
     dataset: Optional[str] = None,
     data_dir=None,
+    data=None,
+    labels_file=None,
+    image_size: Optional[int] = None,
     binarize: Optional[str] = None,
     limit: Optional[int] = None,
 ) -> ImageData:
-    """The images a run is evaluated on: its own data settings (``dataset``/``data_dir``,
-    ``binarize``, ``val_size``, ``split_seed`` from ``config``) unless overridden; ``split``
-    defaults to :func:`default_split`; ``limit`` keeps the split's first images."""
-    if dataset is None and data_dir is None:
-        dataset, data_dir = config.dataset, config.data_dir
-    dataset = dataset or config.dataset  # with data_dir, only a name for reports
+    """The images a run is evaluated on: its own data settings (``dataset``/``data_dir``/``data``,
+    ``binarize``, ``val_size``, ``split_seed``, ``image_size`` from ``config``) unless overridden;
+    ``split`` defaults to :func:`default_split` for the run's own data, and for other data to
+    ``test`` where it has one (a tensor file or an image folder: all of it); ``limit`` keeps the
+    split's first images."""
+    options = source_options(config)
+    own = dataset is None and data_dir is None and data is None
+    if not own:  # another source: none of the run's own data settings but the split and binarization
+        options.update(data_dir=data_dir, data=data, labels_file=labels_file, image_size=image_size)
+    else:
+        options.update({k: v for k, v in (("labels_file", labels_file), ("image_size", image_size)) if v is not None})
+    dataset = dataset or config.dataset  # with data_dir or data, only a name for reports
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be a positive integer; got {limit}")
-    split = split or default_split(dataset, data_dir)
-    return load_dataset(
-        dataset,
-        split,
-        data_dir=data_dir,
-        val_size=config.val_size,
-        split_seed=config.split_seed,
-        limit=limit,
-        binarize=binarize or config.binarize,
-    )
-
-
+    if split is None:
+        kind = kind_of_test_split(dataset, options["data_dir"], options["data"])
+        split = "test" if kind == "separate" or (kind == "whole" and not own) else "val"
+    options["binarize"] = binarize or config.binarize
+    return load_dataset(dataset, split, limit=limit, **options)

@@ -59,8 +59,8 @@ def fused_elbo_loss(vae, x, idx: Optional[torch.Tensor] = None, num_data: Option
         eps = torch.empty((total,) + loc.shape[1:], dtype=loc.dtype, device=loc.device).normal_()
         z = loc + eps[offset:offset + batch] * scale
     if vae.config.likelihood == "bernoulli":  # sum_i log Bernoulli(x_i | logits_i), one fused reduction
-        log_px_sum = -F.binary_cross_entropy_with_logits(vae.decoder(z), x, reduction="sum")
-    else:
+        log_px_sum = -F.binary_cross_entropy_with_logits(vae.decode(z), x, reduction="sum")
+    else:  # every other likelihood (normal, continuous-bernoulli): the model's own distribution
         log_px_sum = vae.likelihood(z).log_prob(x).sum()
     p = vae.prior(batch)
     if analytic_kl:

@@ -21,8 +21,8 @@ from typing import List, Optional
 
 import torch
 from pyro.infer import TraceMeanField_ELBO
-from tqdm import tqdm
 
+from ..core.progress import tqdm
 from ..program.guides import MeanFieldGuide
 
 __all__ = ["LocalFit", "fit_local", "frozen"]

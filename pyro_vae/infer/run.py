@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
+from torch import nn
 
 from ..core.config import VAEConfig
-from ..core.errors import CheckpointError, PyroVAEError
+from ..core.errors import CheckpointError, ConfigError, PyroVAEError, ResourceError
 from ..core.rundir import load_checkpoint
+from ..program.memory import check_memory
 from ..program.model import VAE
 from .local import fit_local
 
@@ -31,7 +33,7 @@ class Run:
         return next(self.vae.parameters()).device
 
     def encode(self, x: torch.Tensor, local_steps: int = 300):
-        """``(loc, scale)`` of q(z|x) for images ``x [B, 784]``: the guide's encoder, or for guides
+        """``(loc, scale)`` of q(z|x) for images ``x [B, D]``: the guide's encoder, or for guides
         without one (mean-field) a :func:`~pyro_vae.local.fit_local` of ``local_steps`` steps."""
         x = x.to(self.device)
         if not self.vae.inference.amortized:
@@ -42,24 +44,28 @@ class Run:
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """E[x | z = posterior mean of q(z|x)]: pixel probabilities/means ``[B, 784]``."""
+        """E[x | z = posterior mean of q(z|x)]: pixel probabilities/means ``[B, D]``."""
         loc, _ = self.encode(x)
         return self.vae.decode_mean(loc)
 
     @torch.no_grad()
     def sample(self, n: int, seed: Optional[int] = None) -> torch.Tensor:
-        """Decoded prior samples: E[x|z] for ``z ~ N(0, I)``, ``[n, 784]``."""
+        """Decoded prior samples: E[x|z] for ``z ~ N(0, I)``, ``[n, D]``."""
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         z = torch.randn(n, self.config.z_dim, generator=g).to(self.device)
         return self.vae.decode_mean(z)
 
 
-def _check_shapes(config: VAEConfig, model: dict, num_data: Optional[int]) -> None:
+def _check_shapes(config: VAEConfig, model: dict, num_data: Optional[int], vae: Optional[nn.Module] = None) -> None:
     """Compare the tensor shapes ``config`` implies with the checkpoint's before allocating
-    anything: a crafted config (say ``hidden=[10**9]``) cannot make loading exhaust memory."""
+    anything: a crafted config (say ``hidden=[10**9]``) cannot make loading exhaust memory.
+    (A ``vae`` around your own modules exists already: its shapes are compared.)"""
 
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in VAE(config, num_data=num_data).state_dict().items()}
+    if vae is not None:
+        expected = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    else:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in VAE(config, num_data=num_data).state_dict().items()}
     found = {k: tuple(v.shape) for k, v in model.items()}
     for k in sorted(set(expected) | set(found)):
         if expected.get(k) != found.get(k):
@@ -69,8 +75,31 @@ def _check_shapes(config: VAEConfig, model: dict, num_data: Optional[int]) -> No
             )
 
 
-def load_run(path, device="cpu") -> Run:
-    """Load a run folder (or a ``checkpoint.pt`` path) into a :class:`Run`."""
+def _own_modules(config: VAEConfig, path: Path, encoder, decoder) -> dict:
+    """The modules a run trained with your own networks needs again (:class:`CheckpointError`
+    showing the ``load_run`` call when missing)."""
+    given = {name: m for name, m in (("encoder", encoder), ("decoder", decoder)) if m is not None}
+    missing = [name for name in config.custom_modules if name not in given]
+    if missing:
+        call = ", ".join(f"{name}=My{name.capitalize()}(...)" for name in config.custom_modules)
+        raise CheckpointError(
+            f"{path} was trained with your own {' and '.join(config.custom_modules)} (custom_modules in config.json), "
+            f"which the command line cannot rebuild; load it in Python: load_run({str(path)!r}, {call})"
+        )
+    extra = [name for name in given if name not in config.custom_modules]
+    if extra:
+        raise ConfigError(f"{path} uses the built-in {config.arch} {' and '.join(extra)}; do not pass {extra[0]}=")
+    return given
+
+
+def load_run(path, device="cpu", *, encoder: Optional[nn.Module] = None, decoder: Optional[nn.Module] = None) -> Run:
+    """Load a run folder (or a ``checkpoint.pt`` path) into a :class:`Run`.
+
+    Built-in architectures (``arch`` ``mlp``, ``conv``) are rebuilt from the saved config; a run
+    trained with your own networks needs them again, fresh instances of the same classes:
+    ``load_run(path, encoder=MyEncoder(...), decoder=MyDecoder(...))`` (the ones ``config.json``'s
+    ``custom_modules`` lists); their weights come from the checkpoint.
+    """
 
     path = Path(path)
     ckpt = path / "checkpoint.pt" if path.is_dir() else path
@@ -83,11 +112,19 @@ def load_run(path, device="cpu") -> Run:
     state = load_checkpoint(ckpt)
     try:
         config = VAEConfig.from_dict(state["config"])
-        local = state["model"].get("inference.local.weight")  # mean-field: one row per image
-        num_data = None if local is None else local.shape[0]
-        _check_shapes(config, state["model"], num_data)
-        vae = VAE(config, num_data=num_data)
+    except (PyroVAEError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt}: checkpoint does not match its config ({str(e).splitlines()[0]})") from None
+    modules = _own_modules(config, ckpt.parent, encoder, decoder)
+    local = state["model"].get("inference.local.weight")  # mean-field: one row per image
+    num_data = None if local is None else local.shape[0]
+    own = VAE(config, num_data=num_data, **modules) if modules else None  # a module of the wrong shape: its error
+    try:
+        _check_shapes(config, state["model"], num_data, own)
+        check_memory(config, "cpu", num_data=num_data, copies=1, what="loading the run")  # a second copy of the weights
+        vae = own if own is not None else VAE(config, num_data=num_data)
         vae.load_state_dict(state["model"])
+    except ResourceError:
+        raise
     except (PyroVAEError, KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{ckpt}: checkpoint does not match its config ({str(e).splitlines()[0]})") from None
     return Run(config, vae.to(device).eval(), list(state.get("history", [])), ckpt.parent)

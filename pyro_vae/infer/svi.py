@@ -32,19 +32,22 @@ from typing import Callable, List, Optional, Sequence
 
 import pyro
 import torch
-from tqdm import tqdm
 
 from ..core.config import VAEConfig, resolve_device
-from ..core.data import ImageData, check_images, eval_binarized, load_splits
+from ..core.data import as_image_data, check_images, eval_binarized, load_splits
 from ..core.errors import ConfigError, TrainingError, TrainingInterrupted
+from ..core.progress import tqdm
+from ..program.memory import check_memory
 from ..program.model import VAE
+from .cache import cached_run
 from .callbacks import Callback
 from .checkpointing import Checkpointer, data_fingerprint, open_run_folder
 from .distributed import DataParallel
 from .guards import ADVICE, NonFiniteGuard
-from .interrupts import StopSignals, signal_name
+from .interrupts import SignalAt, StopSignals, signal_name
 from .objectives import check_fused, elbo_per_image, make_loss, make_optimizer
 from .run import Run
+from .tensorboard import TensorBoardWriter
 
 __all__ = ["fit", "Trainer", "EpochState"]
 
@@ -53,19 +56,29 @@ def fit(
     config: VAEConfig,
     out=None,
     *,
-    train_data: Optional[ImageData] = None,
-    val_data: Optional[ImageData] = None,
+    train_data=None,
+    val_data=None,
     progress: bool = True,
     overwrite: bool = False,
     resume: bool = False,
     log: Callable[[str], None] = tqdm.write,
     callbacks: Sequence[Callback] = (),
+    tensorboard: bool = False,
+    cache=False,
+    encoder: Optional[torch.nn.Module] = None,
+    decoder: Optional[torch.nn.Module] = None,
 ) -> Run:
     """Train a VAE by SVI; return the :class:`~pyro_vae.infer.run.Run` (and write it to ``out``).
 
     :param config: every setting of the run.
     :param out: run folder to write (``config.json``, ``history.json``, ``checkpoint.pt``).
-    :param train_data, val_data: data to use instead of loading what ``config`` names.
+    :param train_data, val_data: data to use instead of loading what ``config`` names: an
+        :class:`~pyro_vae.core.data.ImageData`, a tensor or array (``[N, D]`` vectors or
+        ``[N, C, H, W]`` images, floats in [0, 1] or uint8) or a ``torch.utils.data.Dataset`` of
+        images (or ``(image, label)`` pairs), used whole (:func:`~pyro_vae.core.data.as_image_data`).
+    :param encoder, decoder: your own networks instead of the built-in ones (the contract:
+        :class:`~pyro_vae.program.model.VAE`); the run folder records them, and
+        ``load_run(path, encoder=..., decoder=...)`` loads it.
     :param overwrite: replace a run already in ``out``.
     :param resume: continue the run in ``out`` from its checkpoint: the same parameters, optimizer
         state, random streams and position in the epoch, so on CPU the result equals an
@@ -73,14 +86,44 @@ def fit(
         :data:`~pyro_vae.core.rundir.RESUME_MAY_CHANGE` (``epochs`` may grow).
     :param callbacks: :class:`~pyro_vae.infer.callbacks.Callback` hooks, e.g.
         :class:`pyro_vae.experiments.plots.SaveFigures` (what ``pyro-vae train`` adds).
+    :param tensorboard: also write TensorBoard event files into ``out/tensorboard/`` (a
+        :class:`~pyro_vae.infer.tensorboard.TensorBoardWriter` after ``callbacks``); needs ``out``
+        and the ``tensorboard`` package (:class:`~pyro_vae.core.errors.ConfigError` otherwise).
+    :param cache: ``True`` (or a cache folder): the run cache (:mod:`pyro_vae.infer.cache`,
+        ``$PYRO_VAE_CACHE``, default ``~/.cache/pyro-vae/runs``). A run of the same settings on the
+        same images trained before is loaded, not trained; otherwise it is trained into the cache
+        (a partial or corrupt entry is trained again), and ``overwrite`` trains it again anyway.
+        The run lives in the cache (``run.path``): ``out`` and ``resume`` are refused with it.
     :raises TrainingError: a non-finite loss (``on_nonfinite="stop"``) or non-finite parameters;
         ``checkpoint.pt`` keeps the last good state.
     :raises TrainingInterrupted: SIGINT or SIGTERM; the current step was finished and a
         checkpoint to resume from was written.
     """
+    train_data, val_data = (None if d is None else as_image_data(d, split=split, binarize=config.binarize,
+                                                                 seed=config.split_seed)
+                            for d, split in ((train_data, "train"), (val_data, "val")))
+    if cache and (encoder is not None or decoder is not None):
+        raise ConfigError("fit(cache=True) cannot key a run on your own modules' code; train them without the cache")
+    if cache:
+        return _cached_fit(config, out, resume, cache, train_data, val_data, overwrite, log,
+                           dict(progress=progress, callbacks=callbacks, tensorboard=tensorboard))
+    if tensorboard:
+        callbacks = [*callbacks, TensorBoardWriter.for_run_folder(out)]
     trainer = Trainer(config, out, train_data=train_data, val_data=val_data, progress=progress,
-                      overwrite=overwrite, resume=resume, log=log, callbacks=callbacks)
+                      overwrite=overwrite, resume=resume, log=log, callbacks=callbacks, encoder=encoder,
+                      decoder=decoder)
     return trainer.train()
+
+
+def _cached_fit(config, out, resume, cache, train_data, val_data, overwrite, log, options) -> Run:
+    """``fit(..., cache=...)``: the run from the run cache, or trained into it."""
+    if out is not None or resume:
+        raise ConfigError("fit(cache=True) keeps the run in the run cache (run.path): leave out and resume "
+                          "unset, and copy the folder to keep it elsewhere")
+    train_into = lambda folder, train, val: fit(config, folder, train_data=train, val_data=val,  # noqa: E731
+                                                overwrite=True, log=log, **options)
+    return cached_run(config, train_into, train_data=train_data, val_data=val_data, retrain=overwrite,
+                      root=cache, log=log)
 
 
 @dataclass
@@ -106,8 +149,12 @@ class Trainer:
     """SVI on a :class:`~pyro_vae.program.model.VAE`; :func:`fit` is ``Trainer(...).train()``."""
 
     def __init__(self, config: VAEConfig, out=None, *, train_data=None, val_data=None, progress=True,
-                 overwrite=False, resume=False, log=tqdm.write, callbacks: Sequence[Callback] = ()):
+                 overwrite=False, resume=False, log=tqdm.write, callbacks: Sequence[Callback] = (),
+                 encoder: Optional[torch.nn.Module] = None, decoder: Optional[torch.nn.Module] = None):
         config.check()
+        self.encoder, self.decoder = encoder, decoder  # your own networks (VAE(config, encoder=, decoder=))
+        custom = tuple(name for name, m in (("encoder", encoder), ("decoder", decoder)) if m is not None)
+        config = config.replace(custom_modules=custom) if custom else config  # recorded: load_run needs them
         self.device = resolve_device(config.device)
         self.dp = DataParallel.current(self.device)  # None unless under torchrun
         if self.dp is not None:
@@ -140,6 +187,10 @@ class Trainer:
     def _data(self, config, train_data, val_data):
         if train_data is None:
             train_data, val_data = load_splits(config)
+        else:  # a tensor or Dataset handed over in Python becomes an ImageData (all of it)
+            train_data, val_data = (None if d is None else as_image_data(d, split=split, binarize=config.binarize,
+                                                                         seed=config.split_seed)
+                                    for d, split in ((train_data, "train"), (val_data, "val")))
         for data in (train_data, val_data):
             if data is not None:
                 check_images(data, config)
@@ -147,6 +198,9 @@ class Trainer:
 
     def _build(self, config: VAEConfig) -> None:
         """Seed, data on the device, the model and guide, the loss and the optimizer."""
+        rows = config.batch_size * config.num_particles  # refuse a model too large for memory before allocating
+        check_memory(config, self.device, num_data=len(self.train_data), rows=rows,
+                     rows_from=f"batch_size={config.batch_size}, num_particles={config.num_particles}")
         pyro.set_rng_seed(config.seed)
         pyro.clear_param_store()
         pyro.enable_validation(config.validate)
@@ -155,7 +209,7 @@ class Trainer:
         # the validation ELBO needs q(z|x) for unseen images: guides with an encoder only
         with_encoder = config.guide != "mean-field"
         self.x_val = eval_binarized(self.val_data).to(self.device) if self.val_data is not None and with_encoder else None
-        self.vae = VAE(config, num_data=self.num_data).to(self.device)
+        self.vae = VAE(config, num_data=self.num_data, encoder=self.encoder, decoder=self.decoder).to(self.device)
         self.run = Run(config, self.vae, [], self.folder)
         self.loss_fn = make_loss(self.vae, config)
         if self.loss_fn.fused:  # the fused loss must agree with Pyro's ELBO on this model: check once
@@ -189,10 +243,11 @@ class Trainer:
     def train(self) -> Run:
         """Run the epochs still to do; return the :class:`~pyro_vae.infer.run.Run`."""
         self.checkpoints.write_config()
-        if self.train_data.binarize == "none":
+        if self.train_data.binarize == "none" and self.config.likelihood == "bernoulli":
             self.log("note: --binarize none scores grey values with a Bernoulli: ELBOs are not log-likelihoods")
         for callback in self.callbacks:
             callback.on_train_begin(self)
+        self.signal_at = SignalAt.from_env(0 if self.dp is None else self.dp.rank)  # tests: a signal at a chosen point
         with StopSignals(self.log) as self.signals, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Encountered NaN")  # Pyro's; the loop reports NaN itself
             for epoch in range(len(self.run.history), self.config.epochs):
@@ -219,7 +274,9 @@ class Trainer:
             x = self.images[idx]  # [B, D]
             if self.train_data.binarize == "dynamic":
                 x = torch.bernoulli(x)  # a fresh binarization every time an image is seen
+            self._reached(state.epoch, state.step + 1)
             loss = self.step(x, idx, self.config.beta_at(state.epoch), state)
+            self._reached(state.epoch, f"{state.step + 1}+")
             if loss is None:  # skipped (non-finite)
                 state.skipped.append(state.step)
                 continue
@@ -238,6 +295,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             return None
         self.optimizer.step()
+        for callback in self.callbacks:  # p.grad still holds this step's gradient
+            callback.on_step_end(self, loss)
         return loss
 
     def _loss_and_grads(self, x, idx, beta, state: EpochState) -> torch.Tensor:
@@ -262,6 +321,7 @@ class Trainer:
             p, self.position = self.position, None
             return EpochState(epoch, p["order"].to(self.device), p["step"], p["loss_sum"].to(self.device),
                               list(p["skipped"]), p["seconds"])
+        self._reached(epoch, "start")
         if self._stop_requested(sync=True):  # between epochs: checkpoint, stop
             raise self._interrupted(None, epoch=epoch)
         order = torch.randperm(self.num_data, device=self.device)
@@ -281,6 +341,7 @@ class Trainer:
                                 f"{self.checkpoints.kept(self.run.history)}{ADVICE}")
         train_elbo = -state.loss_sum.item() / self.num_data / (used if state.skipped else 1.0)
         val_elbo = self.validation_elbo()
+        self._reached(epoch, "end")
         if not all(math.isfinite(v) for v in (train_elbo, val_elbo) if v is not None):
             raise self.guard.fail(f"non-finite ELBO in epoch {epoch + 1} (train {train_elbo}, validation {val_elbo})")
         record = {"epoch": epoch + 1, "beta": config.beta_at(epoch), "train_elbo": train_elbo, "val_elbo": val_elbo,
@@ -302,6 +363,12 @@ class Trainer:
         return self.dp.elbo_per_image(lambda part: elbo_per_image(self.vae, part), self.x_val)  # shards, all-reduced
 
     # ------------------------------------------------------------------ stopping on a signal
+
+    def _reached(self, epoch: int, point) -> None:
+        """Fault injection (``PYRO_VAE_SIGNAL_AT``, :class:`~pyro_vae.infer.interrupts.SignalAt`)."""
+        signal_at = getattr(self, "signal_at", None)  # set by train()
+        if signal_at is not None:
+            signal_at.reached(epoch, point)
 
     def _stop_requested(self, sync: bool = False) -> bool:
         """Whether SIGINT/SIGTERM arrived (under torchrun: on any rank; ``sync`` asks the ranks now,

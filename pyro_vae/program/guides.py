@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..core.config import VAEConfig
-from .networks import Encoder
+from .networks import Encoder, make_encoder
 from .plates import data_plate
 from .sites import baseline_options, non_reparameterized, set_estimator
 
@@ -64,10 +64,11 @@ class AmortizedGuide(Guide):
     parameters; the cost is the *amortization gap* between this and the best Gaussian per image.
     """
 
-    def __init__(self, x_dim: int, hidden, z_dim: int):
+    def __init__(self, x_dim: int, hidden, z_dim: int, encoder: Optional[nn.Module] = None):
         super().__init__()
         self.z_dim = z_dim
-        self.encoder = Encoder(x_dim, hidden, z_dim)
+        # any x [B, D] -> (loc, scale) network; by default the MLP of pyro_vae.program.networks
+        self.encoder = encoder if encoder is not None else Encoder(x_dim, hidden, z_dim)
 
     def register(self) -> None:
         pyro.module("encoder", self.encoder)
@@ -136,8 +137,9 @@ class SemiAmortizedGuide(AmortizedGuide):
     :class:`AmortizedGuide`.
     """
 
-    def __init__(self, x_dim: int, hidden, z_dim: int, refine_steps: int = 5, refine_lr: float = 1e-2):
-        super().__init__(x_dim, hidden, z_dim)
+    def __init__(self, x_dim: int, hidden, z_dim: int, refine_steps: int = 5, refine_lr: float = 1e-2,
+                 encoder: Optional[nn.Module] = None):
+        super().__init__(x_dim, hidden, z_dim, encoder)
         self.refine_steps = refine_steps
         self.refine_lr = refine_lr
         self.likelihood = None  # p(x|z) as a function of z, set by the VAE that owns this guide
@@ -182,18 +184,22 @@ def _softplus_inverse(y):
     return y + torch.log(-torch.expm1(-y))
 
 
-def make_guide(config: VAEConfig, x_dim: int, num_data: Optional[int] = None) -> Guide:
+def make_guide(config: VAEConfig, x_dim: int, num_data: Optional[int] = None,
+               encoder: Optional[nn.Module] = None) -> Guide:
     """The guide that ``config.guide`` names (``num_data``: images, for the mean-field guide),
-    set up for ``config.estimator`` and ``config.baseline``."""
-    guide = _guide_family(config, x_dim, num_data)
+    set up for ``config.estimator`` and ``config.baseline``. Guides with an encoder use
+    ``encoder``, or the built-in one ``config.arch`` names."""
+    guide = _guide_family(config, x_dim, num_data, encoder)
     return set_estimator(guide, config.estimator, config.baseline, x_dim)
 
 
-def _guide_family(config: VAEConfig, x_dim: int, num_data: Optional[int]) -> Guide:
+def _guide_family(config: VAEConfig, x_dim: int, num_data: Optional[int], encoder: Optional[nn.Module]) -> Guide:
+    if config.guide in ("amortized", "semi-amortized") and encoder is None and config.arch != "mlp":
+        encoder = make_encoder(config)  # (the MLP is the guides' own default, for x_dim inputs)
     if config.guide == "amortized":
-        return AmortizedGuide(x_dim, config.hidden, config.z_dim)
+        return AmortizedGuide(x_dim, config.hidden, config.z_dim, encoder)
     if config.guide == "semi-amortized":
-        return SemiAmortizedGuide(x_dim, config.hidden, config.z_dim, config.refine_steps, config.refine_lr)
+        return SemiAmortizedGuide(x_dim, config.hidden, config.z_dim, config.refine_steps, config.refine_lr, encoder)
     if config.guide == "mean-field":
         if num_data is None:
             raise ValueError("the mean-field guide needs num_data (one set of parameters per image)")

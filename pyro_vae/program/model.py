@@ -25,7 +25,7 @@ full-data ELBO. ``beta`` weights the latent site (KL annealing) through ``poutin
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -34,7 +34,9 @@ from pyro import poutine
 from torch import nn
 
 from ..core.config import VAEConfig
+from ..core.errors import ConfigError
 from .guides import make_guide
+from .likelihoods import LIKELIHOOD_FAMILIES
 from .networks import make_decoder
 from .plates import data_plate
 
@@ -44,18 +46,38 @@ __all__ = ["VAE", "data_plate"]
 class VAE(nn.Module):
     """Decoder (the model's network) plus a guide, with ``model`` and ``guide`` side by side.
 
-    :param VAEConfig config: sizes and likelihood.
+    :param VAEConfig config: sizes, likelihood and the built-in architecture (``config.arch``).
     :param guide: a :class:`~pyro_vae.guides.Guide`; by default the one ``config.guide`` names.
     :param int num_data: training images (the mean-field guide holds parameters for each).
+    :param encoder: your own inference network instead of the built-in one, put into the guide
+        (``amortized`` or ``semi-amortized``). Contract: ``encoder(x) -> (loc, scale)`` for a batch
+        ``x [B, D]`` of flat data (reshape with ``config.event_shape`` if it needs ``[C, H, W]``),
+        ``loc`` and ``scale > 0`` each ``[B, z_dim]``.
+    :param decoder: your own generative network. Contract: ``decoder(z)`` for ``z [B, z_dim]``
+        returns the likelihood's parameters, each ``[B, D]`` or ``[B, *event_shape]``:
+        ``logits`` (``bernoulli``, ``continuous-bernoulli``) or ``(loc, scale)`` (``normal``).
+
+    Own modules are checked on a dummy batch of 2 here (:class:`ConfigError` naming the module, the
+    expected and the found shapes) and recorded in ``config.custom_modules``: a run trained with them
+    loads with ``load_run(path, encoder=..., decoder=...)``.
     """
 
-    def __init__(self, config: VAEConfig, guide: Optional[nn.Module] = None, num_data: Optional[int] = None):
+    def __init__(self, config: VAEConfig, guide: Optional[nn.Module] = None, num_data: Optional[int] = None, *,
+                 encoder: Optional[nn.Module] = None, decoder: Optional[nn.Module] = None):
         super().__init__()
+        custom = tuple(name for name, m in (("encoder", encoder), ("decoder", decoder)) if m is not None)
+        _check_custom(config, custom, guide)
+        config = config.replace(custom_modules=custom) if custom != config.custom_modules else config
         x_dim = config.x_dim  # numbers per datum, from config.event_shape (fit sets it from the data)
         self.config = config
         self.x_dim = x_dim
-        self.decoder = make_decoder(config.likelihood, config.z_dim, config.hidden, x_dim, config.min_scale)
-        self.inference = guide if guide is not None else make_guide(config, x_dim, num_data)
+        self.family = LIKELIHOOD_FAMILIES[config.likelihood]
+        if decoder is not None:
+            _check_decoder(decoder, config, self.family)
+        self.decoder = decoder if decoder is not None else make_decoder(config, self.family.outputs)
+        if encoder is not None:
+            _check_encoder(encoder, config)
+        self.inference = guide if guide is not None else make_guide(config, x_dim, num_data, encoder=encoder)
         if hasattr(self.inference, "attach"):  # guides that score images with p(x|z) themselves
             self.inference.attach(self.likelihood)
 
@@ -77,14 +99,19 @@ class VAE(nn.Module):
 
     # ------------------------------------------------------------------ helpers
 
+    def decode(self, z: torch.Tensor):
+        """The likelihood's parameters for ``z [..., z_dim]``: logits, or ``(loc, scale)``, each ``[..., D]``."""
+        lead = z.shape[:-1]
+        out = self.decoder(z if z.dim() == 2 else z.reshape(-1, z.shape[-1]))
+        if self.family.outputs == 1:
+            return out if out.shape[:-1] == lead and out.shape[-1] == self.x_dim else out.reshape(*lead, self.x_dim)
+        return tuple(o if o.shape[:-1] == lead and o.shape[-1] == self.x_dim else o.reshape(*lead, self.x_dim)
+                     for o in out)
+
     def likelihood(self, z: torch.Tensor) -> dist.Distribution:
-        """p(x|z) with event shape ``[D]``, batched over the leading dims of ``z``."""
-        if self.config.likelihood == "bernoulli":
-            logits = self.decoder(z)  # [..., D]
-            # validate_args=False: with --binarize none, grey values in [0, 1] are scored too
-            return dist.Bernoulli(logits=logits, validate_args=False).to_event(1)
-        loc, scale = self.decoder(z)  # [..., D] each
-        return dist.Normal(loc, scale).to_event(1)
+        """p(x|z) with event shape ``[D]``, batched over the leading dims of ``z``
+        (:data:`~pyro_vae.program.likelihoods.LIKELIHOOD_FAMILIES`)."""
+        return self.family.make(self.decode(z))
 
     def decode_mean(self, z: torch.Tensor) -> torch.Tensor:
         """E[x|z]: pixel probabilities (Bernoulli) or means (Normal), ``[..., D]``."""
@@ -94,3 +121,60 @@ class VAE(nn.Module):
         p = next(self.parameters())
         zeros = torch.zeros(batch, self.config.z_dim, device=p.device, dtype=p.dtype)
         return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
+
+
+# ----------------------------------------------------------------------------- your own modules
+
+
+def _check_custom(config: VAEConfig, custom: Sequence[str], guide) -> None:
+    missing = [m for m in config.custom_modules if m not in custom]
+    if missing:
+        given = ", ".join(f"{m}=..." for m in config.custom_modules)
+        raise ConfigError(f"this config was trained with your own {' and '.join(missing)} (custom_modules): "
+                          f"pass it again, VAE(config, {given})")
+    if "encoder" in custom and (guide is not None or config.guide == "mean-field"):
+        why = "a guide was given too" if guide is not None else "the mean-field guide has no encoder"
+        raise ConfigError(f"encoder= goes into the amortized or semi-amortized guide; {why}")
+
+
+def _dummy(module: nn.Module, shape) -> torch.Tensor:
+    p = next(iter(module.parameters()), None)
+    return torch.zeros(shape, device=p.device if p is not None else "cpu",
+                       dtype=p.dtype if p is not None and p.is_floating_point() else torch.get_default_dtype())
+
+
+def _shapes(out) -> str:
+    if isinstance(out, torch.Tensor):
+        return str(list(out.shape))
+    if isinstance(out, (tuple, list)):
+        return "(" + ", ".join(_shapes(o) for o in out) + ")"
+    return type(out).__name__
+
+
+@torch.no_grad()
+def _check_encoder(encoder: nn.Module, config: VAEConfig) -> None:
+    """The encoder must map ``x [2, D]`` to ``(loc, scale)``, each ``[2, z_dim]``."""
+    with torch.random.fork_rng(devices=[]):
+        out = encoder(_dummy(encoder, (2, config.x_dim)))
+    want = [2, config.z_dim]
+    ok = isinstance(out, (tuple, list)) and len(out) == 2 and all(
+        isinstance(o, torch.Tensor) and list(o.shape) == want for o in out)
+    if not ok:
+        raise ConfigError(f"encoder {type(encoder).__name__} returned {_shapes(out)} for x of shape [2, {config.x_dim}]; "
+                          f"expected (loc, scale), each {want}")
+
+
+@torch.no_grad()
+def _check_decoder(decoder: nn.Module, config: VAEConfig, family) -> None:
+    """The decoder must map ``z [2, z_dim]`` to ``outputs`` tensors of ``[2, D]`` or ``[2, *event_shape]``."""
+    with torch.random.fork_rng(devices=[]):
+        out = decoder(_dummy(decoder, (2, config.z_dim)))
+    parts = [out] if family.outputs == 1 else out
+    allowed = ([2, config.x_dim], [2, *config.event_shape])
+    ok = isinstance(parts, (tuple, list)) and len(parts) == family.outputs and all(
+        isinstance(o, torch.Tensor) and list(o.shape) in allowed for o in parts)
+    if not ok:
+        each = " each" if family.outputs > 1 else ""
+        raise ConfigError(
+            f"decoder {type(decoder).__name__} returned {_shapes(out)} for z of shape [2, {config.z_dim}]; "
+            f"expected {family.names}{each} {allowed[0]} (or {allowed[1]}) for likelihood {config.likelihood}")
