@@ -3,6 +3,7 @@ path's speed against a hand-written PyTorch twin (benchmarks/references.py).
 
     python benchmarks/arch.py [--data-dir /usr/share/datasets/fashion-mnist] [--epochs 5]
         [--twin-epochs 2] [--iwae-k 1000] [--test-images 2000] [--threads 2]
+    python benchmarks/arch.py --speed-rounds 3 [--twin-epochs 1]     # the twin comparison alone
 
 Each job runs in its own subprocess (peak memory = its max RSS), in this order, so that the
 hand-written twin's epochs come before and after pyro-vae's conv epochs (drift affects both):
@@ -18,6 +19,11 @@ last 500 held out for validation), dynamic binarization, batch 128, Adam 1e-3, z
 the test images are binarized once (seed 0, as ``pyro-vae evaluate`` does). The hand-written twin
 trains on the same 59,500 images, same batch size and binarization. Seconds per epoch: pyro-vae's
 from the run history (training plus the validation ELBO), the twin's around its loop.
+
+``--speed-rounds R`` runs the speed comparison alone, R rounds of ``hand-conv`` then
+``ours-conv-speed`` (``fit`` with ``arch="conv"``, no evaluation), ``twin_epochs`` epochs each, and
+reports the ratio of each round's pair (adjacent runs see the same load on a shared machine) and
+their median.
 """
 
 from __future__ import annotations
@@ -50,6 +56,9 @@ def ours(args, arch: str) -> dict:
     from pyro_vae import evaluate, fit, load_dataset
 
     config = _config(args, arch)
+    if args.worker == "ours-conv-speed":
+        run = fit(config.replace(epochs=args.twin_epochs), progress=False, log=lambda s: None)
+        return {"seconds": [h["seconds"] for h in run.history], "train_elbo": run.history[-1]["train_elbo"]}
     run = fit(config, progress=False, log=lambda s: None)
     test = load_dataset("fashion-mnist", "test", data_dir=args.data_dir, binarize=config.binarize,
                         limit=args.test_images)
@@ -108,6 +117,20 @@ def _run_worker(args, job: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def speed_report(results) -> str:
+    pairs = [(h, o) for h, o in zip(results[::2], results[1::2])]
+    lines = ["| round | hand-written twin s/epoch | pyro-vae `--arch conv` s/epoch | ratio |", "|---|---|---|---|"]
+    ratios = []
+    for i, (h, o) in enumerate(pairs, 1):
+        hs, os_ = statistics.median(h["seconds"]), statistics.median(o["seconds"])
+        ratios.append(os_ / hs)
+        lines.append(f"| {i} | {hs:.1f} | {os_:.1f} | {ratios[-1]:.2f} |")
+    hand_all = statistics.median([s for h, _ in pairs for s in h["seconds"]])
+    ours_all = statistics.median([s for _, o in pairs for s in o["seconds"]])
+    lines.append(f"| median | {hand_all:.1f} | {ours_all:.1f} | {statistics.median(ratios):.2f} (of the rounds) |")
+    return "\n".join(lines)
+
+
 def report(args, results) -> str:
     by_job = {}
     for r in results:
@@ -140,6 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--limit", type=int, help="training images (smoke runs; default: all)")
+    p.add_argument("--speed-rounds", type=int, help="only the twin speed comparison, this many rounds")
     p.add_argument("--json", help="also write every job's raw result to this file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -149,14 +173,18 @@ def main(argv=None) -> int:
     import torch
 
     print(f"# {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads; "
-          f"{args.data_dir}; batch {args.batch_size}, {args.epochs} epochs (twin: {args.twin_epochs} per run)")
+          f"{args.data_dir}; batch {args.batch_size}, "
+          + (f"{args.speed_rounds} rounds of {args.twin_epochs} epoch(s) each" if args.speed_rounds
+             else f"{args.epochs} epochs (twin: {args.twin_epochs} per run)"))
     results = []
-    for job in JOBS:
+    jobs = ["hand-conv", "ours-conv-speed"] * args.speed_rounds if args.speed_rounds else JOBS
+    for job in jobs:
         results.append(_run_worker(args, job))
+        results[-1]["job"] = job
         print(f"{job}: {json.dumps(results[-1])}", file=sys.stderr, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
-    print(report(args, results))
+    print(speed_report(results) if args.speed_rounds else report(args, results))
     return 0
 
 

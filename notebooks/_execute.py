@@ -68,7 +68,7 @@ def palette_png(data: str) -> str:
     return smaller if len(smaller) < len(data) else data
 
 
-def execute(path: Path, timeout: int = 3600):
+def execute(path: Path, timeout: int = 4 * 3600):  # per cell: a first full execution trains inside one cell
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, kernel_name=KERNEL, timeout=timeout, record_timing=False,
                    resources={"metadata": {"path": str(path.parent)}}).execute()

@@ -352,11 +352,12 @@ def test_error_matrix(case, tmp_path, trained_run, capsys, monkeypatch):
     assert not (tmp_path / "PWNED").exists(), "a checkpoint ran code on load"
 
 
-SUBPROCESS_SAMPLE = [  # one of each kind: argparse, data, environment, checkpoint security
+SUBPROCESS_SAMPLE = [  # one of each kind: argparse, data, environment, checkpoint security, memory
     "unknown dataset",
     "wrong magic number",
     "--device cuda without CUDA",
     "--resume, checkpoint with code",
+    "train, --z-dim beyond memory",
 ]
 
 

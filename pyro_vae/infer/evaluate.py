@@ -376,16 +376,7 @@ def evaluate(
     vae = run.vae if run is not None else vae_or_run
     config = getattr(vae, "config", None)
 
-    if isinstance(images, ImageData):
-        if config is not None:
-            check_shape_matches(images, config.event_shape, "the model" if run is None else f"run {run.path}")
-        meta = dict(dataset=images.name, split=images.split, binarize=images.binarize)
-        x_all = eval_binarized(images)  # [N, D], one seeded binarization
-    else:
-        meta = dict(dataset=None, split=None, binarize=None)
-        x_all = torch.as_tensor(images)
-    if x_all.ndim != 2 or len(x_all) == 0:
-        raise ConfigError(f"images must be a non-empty [N, D] batch; got shape {tuple(x_all.shape)}")
+    meta, x_all = _images_to_score(images, config, "the model" if run is None else f"run {run.path}")
     if posterior is None:
         posterior = _encoder_posterior(vae, seed=seed)
     likelihood = getattr(config, "likelihood", None)
@@ -414,6 +405,25 @@ def evaluate(
         per_image=values,
         **meta,
     )
+
+
+def _images_to_score(images, config, what: str):
+    """``(meta, x [N, D])``: an ImageData as evaluation scores it (one seeded binarization), or a
+    tensor as it is; checked against the model's data shape."""
+    if isinstance(images, ImageData):
+        if config is not None:
+            check_shape_matches(images, config.event_shape, what)
+        meta = dict(dataset=images.name, split=images.split, binarize=images.binarize)
+        x_all = eval_binarized(images)  # [N, D], one seeded binarization
+    else:
+        meta = dict(dataset=None, split=None, binarize=None)
+        x_all = torch.as_tensor(images)
+    if x_all.ndim != 2 or len(x_all) == 0:
+        raise ConfigError(f"images must be a non-empty [N, D] batch; got shape {tuple(x_all.shape)}")
+    if config is not None and x_all.shape[1] != config.x_dim:
+        raise ConfigError(f"images must be [N, {config.x_dim}] (the model's {list(config.event_shape)} flattened); "
+                          f"got shape {tuple(x_all.shape)}")
+    return meta, x_all
 
 
 def _score_images(vae, x_all, posterior: Posterior, iwae_k, elbo_samples, batch_size, seed, chunk_k, progress):

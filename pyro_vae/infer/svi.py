@@ -99,12 +99,10 @@ def fit(
     :raises TrainingInterrupted: SIGINT or SIGTERM; the current step was finished and a
         checkpoint to resume from was written.
     """
-    train_data, val_data = (None if d is None else as_image_data(d, split=split, binarize=config.binarize,
-                                                                 seed=config.split_seed)
-                            for d, split in ((train_data, "train"), (val_data, "val")))
-    if cache and (encoder is not None or decoder is not None):
-        raise ConfigError("fit(cache=True) cannot key a run on your own modules' code; train them without the cache")
     if cache:
+        if encoder is not None or decoder is not None:
+            raise ConfigError("fit(cache=True) cannot key a run on your own modules' code; train them without the cache")
+        train_data, val_data = _image_data(config, train_data, val_data)  # the cache key needs their fingerprint
         return _cached_fit(config, out, resume, cache, train_data, val_data, overwrite, log,
                            dict(progress=progress, callbacks=callbacks, tensorboard=tensorboard))
     if tensorboard:
@@ -188,9 +186,7 @@ class Trainer:
         if train_data is None:
             train_data, val_data = load_splits(config)
         else:  # a tensor or Dataset handed over in Python becomes an ImageData (all of it)
-            train_data, val_data = (None if d is None else as_image_data(d, split=split, binarize=config.binarize,
-                                                                         seed=config.split_seed)
-                                    for d, split in ((train_data, "train"), (val_data, "val")))
+            train_data, val_data = _image_data(config, train_data, val_data)
         for data in (train_data, val_data):
             if data is not None:
                 check_images(data, config)
@@ -398,6 +394,12 @@ class Trainer:
             at = f"epoch {state.epoch + 1}/{self.config.epochs} after step {state.step}/{steps}"
         saved_to = f"saved {self.checkpoints.path}; continue with --resume" if self.folder is not None else "nothing saved"
         return TrainingInterrupted(f"interrupted by {signal_name(signum)} in {at}; {saved_to}", signum)
+
+
+def _image_data(config: VAEConfig, train_data, val_data):
+    """``(train, val)`` as :class:`~pyro_vae.core.data.ImageData` (tensors, arrays, Datasets converted)."""
+    return tuple(None if d is None else as_image_data(d, split=split, binarize=config.binarize, seed=config.split_seed)
+                 for d, split in ((train_data, "train"), (val_data, "val")))
 
 
 def _silent(message: str) -> None:
