@@ -65,7 +65,7 @@ def _main(args) -> int:
         limit=pick(args.eval_limit, "limit", 500),
         iwae_k=pick(args.iwae_k, "iwae_k", 1000),
         local_steps=pick(args.local_steps, "local_steps", 300),
-        star_steps=pick(args.star_steps, "local_steps", 1000),
+        star_steps=pick(args.star_steps, "star_steps", 1000),
         out=args.out,
         log=log,
         cache=args.cache,

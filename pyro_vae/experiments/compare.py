@@ -39,7 +39,7 @@ from ..infer.svi import fit
 __all__ = ["GuideReport", "compare_guides", "QUICK",]
 
 # --quick: sizes for tests and notebooks (about a minute on 2 cores)
-QUICK = dict(epochs=5, train_limit=1000, limit=100, iwae_k=100, local_steps=200)
+QUICK = dict(epochs=5, train_limit=1000, limit=100, iwae_k=100, local_steps=200, star_steps=200)
 
 
 @dataclass
