@@ -14,6 +14,8 @@ NOTEBOOKS = [  # a notebook added to or removed from notebooks/ must be added he
     "02_mean_field_vs_amortized.ipynb",
     "03_reparameterization_vs_score_function.ipynb",
     "04_latent_space.ipynb",
+    "05_semi_supervised_m2.ipynb",
+    "06_flows_and_priors.ipynb",
 ]
 KERNEL = "pyro-vae-test"
 

@@ -573,7 +573,7 @@ def test_a_failed_allocation_is_one_line(tmp_path, capsys, monkeypatch, error, s
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(train_module, "VAE", fail)
+    monkeypatch.setattr(train_module, "build_program", fail)  # the Trainer builds the program through it
     argv = ["train", *SMALL, "--out", str(tmp_path / "r")]
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()

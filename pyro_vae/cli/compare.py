@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..core.config import GUIDES, VAEConfig
+from ..core.config import GUIDES, PRIORS, VAEConfig
 from ..core.errors import ConfigError
-from ..experiments.compare import QUICK, compare_guides, to_markdown
+from ..experiments.compare import DEFAULT_GUIDES, QUICK, compare_guides, to_markdown
 from .flags import add_arch_flag, add_data_flags
 
 
@@ -17,7 +17,13 @@ def add_parser(sub) -> None:
     add_data_flags(p)
     add_arch_flag(p)
     p.add_argument("--epochs", type=int, help="training epochs per guide (default 100; --quick 5)")
-    p.add_argument("--guides", default=",".join(GUIDES), help="comma-separated, default: all three")
+    p.add_argument("--guides", default=",".join(DEFAULT_GUIDES),
+                   help=f"comma-separated, of {', '.join(GUIDES)} (default: {','.join(DEFAULT_GUIDES)})")
+    p.add_argument("--local-flow", action="store_true", default=None,
+                   help="also fit a flow per image (q*_flow) and print Cremer et al.'s Table 2 (on with iaf, full-rank)")
+    p.add_argument("--flow-steps", type=int, help="IAF steps of the iaf guide and of q*_flow (default 2)")
+    p.add_argument("--prior", choices=PRIORS, help="p(z) of every model: normal (default) | mog | vamp")
+    p.add_argument("--prior-components", type=int, metavar="K", help="mog, vamp: mixture components (default 10)")
     p.add_argument("--runs", nargs="+", metavar="RUN_DIR", help="compare existing run folders instead of training")
     p.add_argument("--refine-steps", type=int, help="semi-amortized refinement steps (default 5)")
     p.add_argument("--local-steps", type=int, help="mean-field's own local fit on new images (default 300)")
@@ -49,8 +55,9 @@ def _main(args) -> int:
         arch=args.arch,
         binarize=args.binarize,
     )
-    if args.refine_steps is not None:
-        settings["refine_steps"] = args.refine_steps
+    for name in ("refine_steps", "flow_steps", "prior", "prior_components"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
     config = VAEConfig(**settings)
     for name in ("epochs", "local_steps", "star_steps", "iwae_k", "eval_limit"):
         value = getattr(args, name)
@@ -69,6 +76,7 @@ def _main(args) -> int:
         out=args.out,
         log=log,
         cache=args.cache,
+        local_flow=args.local_flow,
     )
     if args.json:
         print(json.dumps(result))

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..core.config import DEVICES, resolve_device
 from ..core.data import SPLITS
 from ..infer.evaluate import EVAL_FILE, evaluate, load_eval_data, save_result
+from ..infer.evaluate_m2 import evaluate_m2
 from ..infer.run import load_run
 from ..program.memory import check_numbers
 from .flags import add_data_flags
@@ -32,7 +33,8 @@ def add_parser(sub) -> None:
         help="default: test where the data has one (t10k file), else val (mnist-5k has no test split)",
     )
     e = p.add_argument_group("evaluation")
-    e.add_argument("--iwae-k", type=int, default=5000, metavar="K", help="importance samples per image (default 5000)")
+    e.add_argument("--iwae-k", type=int, default=5000, metavar="K",
+                   help="importance samples per image (default 5000; --model m2 runs: per label value)")
     e.add_argument("--elbo-samples", type=int, default=100, metavar="S", help="z draws per image for the ELBO (default 100)")
     e.add_argument("--batch-size", type=int, default=100, help="images per batch (default 100; results do not depend on it)")
     e.add_argument("--seed", type=int, default=0, help="seed of the z draws (default 0)")
@@ -45,6 +47,10 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_evaluate_cli)
 
 
+#: ``config.model`` -> its evaluation (m2: accuracy of q(y|x), ELBO and IWAE bound with y summed out)
+EVALUATORS = {"vae": evaluate, "m2": evaluate_m2}
+
+
 def _evaluate_cli(args: argparse.Namespace) -> int:
 
     run = load_run(args.run_dir, device=resolve_device(args.device))
@@ -55,7 +61,7 @@ def _evaluate_cli(args: argparse.Namespace) -> int:
     k = max(("iwae_k", args.iwae_k), ("elbo_samples", args.elbo_samples), key=lambda item: item[1])
     draws = min(args.batch_size, len(data)) * k[1] * run.config.z_dim  # z draws held per batch of images
     check_numbers(draws, "cpu", "evaluating", f"{k[0]}={k[1]}, batch_size={args.batch_size}")  # before allocating
-    result = evaluate(
+    result = EVALUATORS[run.config.model](
         run,
         data,
         iwae_k=args.iwae_k,

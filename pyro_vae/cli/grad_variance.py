@@ -52,10 +52,12 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser(
         "grad-variance",
-        help="compare the variance of reparameterization and score-function gradients",
-        description="Draw R independent ELBO gradient estimates on one fixed minibatch per estimator and "
-        "report their mean norm, total variance, SNR and variance relative to reparameterization; "
-        "write grad_variance.md, grad_variance.json and grad_variance.png.",
+        help="compare the variance of gradient estimators (reparameterization, score function, IWAE, DReG)",
+        description="Draw R independent gradient estimates on one fixed minibatch per estimator and "
+        "report their mean norm, total variance, SNR and variance relative to reparameterization, and "
+        "(--sweep) the variance and the encoder's SNR against the number of particles K; "
+        "write grad_variance.md, grad_variance.json and grad_variance.png. iwae, dreg: the gradient of "
+        "the importance-weighted bound with K = the particles (plain and doubly reparameterized).",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", nargs="?", help="run folder (optional with --at-init)")
     add_data_flags(p, defaults=False)
@@ -70,7 +72,7 @@ def add_parser(sub) -> None:
     a.add_argument("--num-particles", type=int, default=1, metavar="P", help="z samples per image per estimate (1)")
     a.add_argument(
         "--sweep", type=_int_list, default=list(SWEEP), metavar="P,...",
-        help=f"particle counts of the plot ({','.join(map(str, SWEEP))}); '' for none",
+        help=f"particle counts K of the table and the log-log plots ({','.join(map(str, SWEEP))}); '' for none",
     )
     a.add_argument("--seed", type=int, default=0, help="seed of the minibatch, its binarization and the z draws")
     a.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="default cpu")

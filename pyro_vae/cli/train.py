@@ -7,8 +7,12 @@ import shlex
 import time
 from pathlib import Path
 
-from ..core.config import BASELINES, DEVICES, ELBOS, ESTIMATORS, GUIDES, LIKELIHOODS, NONFINITE, VAEConfig
+from ..core.config import (BASELINES, DEVICES, ELBOS, ESTIMATORS, GUIDES, LIKELIHOODS, LR_SCHEDULES, NONFINITE,
+                           OBJECTIVES, VAEConfig)
+from ..core.config import MODELS
+from ..core.config import PRIORS
 from ..core.errors import TrainingInterrupted
+from ..experiments.m2_plots import SaveM2Figures
 from ..experiments.plots import SaveFigures
 from ..infer import distributed
 from ..infer.distributed import under_torchrun
@@ -22,12 +26,27 @@ def add_parser(sub) -> None:
     add_data_flags(p)
     p.add_argument("--val-size", type=int, default=d.val_size, help=f"validation images held out (default {d.val_size})")
     m = p.add_argument_group("model and guide")
+    m.add_argument("--model", choices=MODELS, default=d.model,
+                   help="vae (default) | m2: semi-supervised, a label y beside z (Kingma et al. 2014; needs labels)")
+    m.add_argument("--labels", dest="num_labels", type=int, default=d.num_labels, metavar="N",
+                   help=f"m2: training images whose label is used, balanced over classes (default {d.num_labels})")
+    m.add_argument("--alpha", type=float, default=d.alpha,
+                   help=f"m2: weight of the classification term, alpha * N * mean log q(y|x) (default {d.alpha})")
+    m.add_argument("--labelled-batch", type=int, default=d.labelled_batch, metavar="L",
+                   help=f"m2: labelled images added to every minibatch (default {d.labelled_batch})")
     m.add_argument("--likelihood", choices=LIKELIHOODS, default=d.likelihood,
                    help="p(x|z): bernoulli (default) | normal | continuous-bernoulli (grey values in [0, 1])")
     add_arch_flag(m)
     m.add_argument("--z-dim", type=int, default=d.z_dim, help=f"latent dimension (default {d.z_dim})")
     m.add_argument("--hidden", type=hidden_widths, default=d.hidden, help="hidden widths, e.g. 400 or 500,500")
-    m.add_argument("--guide", choices=GUIDES, default=d.guide, help="variational family (default amortized)")
+    m.add_argument("--guide", choices=GUIDES, default=d.guide,
+                   help="variational family (default amortized; iaf: a flow, full-rank: full covariance)")
+    m.add_argument("--flow-steps", type=int, default=d.flow_steps, metavar="K",
+                   help=f"iaf: conditional IAF transforms (default {d.flow_steps})")
+    m.add_argument("--prior", choices=PRIORS, default=d.prior,
+                   help="p(z): normal N(0, I) (default) | mog (learned mixture) | vamp (VampPrior)")
+    m.add_argument("--prior-components", type=int, default=d.prior_components, metavar="K",
+                   help=f"mog, vamp: mixture components / pseudo-inputs (default {d.prior_components})")
     m.add_argument("--refine-steps", type=int, default=d.refine_steps, metavar="K",
                    help=f"semi-amortized: gradient steps refining the encoder's output (default {d.refine_steps})")
     m.add_argument("--refine-lr", type=float, default=d.refine_lr, help=f"semi-amortized step size (default {d.refine_lr})")
@@ -37,12 +56,18 @@ def add_parser(sub) -> None:
     o.add_argument("--elbo", choices=ELBOS, default=d.elbo, help="trace (default) | meanfield (analytic KL) | jit")
     o.add_argument("--no-fused", dest="fused", action="store_false",
                    help="run every ELBO through Pyro's tracing (same numbers, slower; see pyro_vae/fused.py)")
-    o.add_argument("--num-particles", type=int, default=d.num_particles, help="z samples per image per step")
+    o.add_argument("--num-particles", type=int, default=d.num_particles, help="z samples per image per step (K of iwae/dreg)")
+    o.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
+                   help="elbo (default) | iwae: importance-weighted bound log (1/K) sum_k p(x,z_k)/q(z_k|x), "
+                   "K = --num-particles | dreg: the same bound, doubly reparameterized encoder gradient")
     o.add_argument("--estimator", choices=ESTIMATORS, default=d.estimator, help="reparam (default) | score (BBVI)")
     o.add_argument("--baseline", choices=BASELINES, default=d.baseline, help="for score: none | decaying-avg | neural")
     o.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
     o.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
     o.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
+    o.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
+                   help="constant (default) | cosine: lr (1 + cos(pi epoch/epochs))/2 | burda: lr 10^(-i/7) in 8 "
+                   "stages of 3^i epochs (Burda et al. 2016), compressed into --epochs")
     o.add_argument("--kl-warmup", type=int, default=d.kl_warmup, metavar="E", help="epochs of linear KL warm-up (default 0)")
     o.add_argument("--beta", type=float, default=d.beta, help="KL weight after warm-up (default 1)")
     o.add_argument("--seed", type=int, default=d.seed)
@@ -59,6 +84,9 @@ def add_parser(sub) -> None:
                    help='also write TensorBoard event files into --out/tensorboard/ (pip install -e ".[tensorboard]")')
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
+
+
+FIGURES = {"vae": SaveFigures, "m2": SaveM2Figures}  # config.model -> the callback drawing its figures
 
 
 def _default_out() -> Path:
@@ -94,7 +122,7 @@ def _train(args) -> int:
         start = time.perf_counter()
         try:
             run = fit(config, out, progress=not args.quiet, overwrite=args.overwrite, resume=args.resume,
-                      callbacks=[SaveFigures()], tensorboard=args.tensorboard)
+                      callbacks=[FIGURES[config.model]()], tensorboard=args.tensorboard)
         except TrainingInterrupted as e:  # say exactly which command continues the run
             raise TrainingInterrupted(f"{e}: {_resume_command(args, out)}", e.signum) from None
     finally:

@@ -14,7 +14,7 @@ from .errors import ConfigError
 
 __all__ = [
     "VAEConfig", "DATASETS", "LIKELIHOODS", "BINARIZATIONS", "ELBOS", "GUIDES", "DEVICES", "NONFINITE",
-    "ESTIMATORS", "BASELINES", "ARCHS", "MODULES",
+    "ESTIMATORS", "BASELINES", "ARCHS", "MODULES", "OBJECTIVES", "LR_SCHEDULES", "PRIORS",
 ]
 
 DATASETS = ("mnist-5k", "mnist", "fashion-mnist")
@@ -23,11 +23,15 @@ ARCHS = ("mlp", "conv")  # built-in encoder/decoder networks (pyro_vae.program.n
 MODULES = ("encoder", "decoder")  # the networks a user may supply as their own nn.Module
 BINARIZATIONS = ("dynamic", "static", "none")
 ELBOS = ("trace", "meanfield", "jit")
-GUIDES = ("amortized", "mean-field", "semi-amortized")
+GUIDES = ("amortized", "mean-field", "semi-amortized", "iaf", "full-rank")
+PRIORS = ("normal", "mog", "vamp")  # p(z): N(0, I) | learned mixture of Gaussians | VampPrior (pyro_vae.program.priors)
 DEVICES = ("auto", "cpu", "cuda")
 NONFINITE = ("stop", "skip")
 ESTIMATORS = ("reparam", "score")
 BASELINES = ("none", "decaying-avg", "neural")
+MODELS = ("vae", "m2")  # vae: p(z) p(x|z) | m2: Kingma et al.'s semi-supervised p(y) p(z) p(x|y, z)
+OBJECTIVES = ("elbo", "iwae", "dreg")  # what SVI maximises (pyro_vae.infer.iwae for iwae, dreg)
+LR_SCHEDULES = ("constant", "cosine", "burda")  # learning rate as a function of the epoch
 
 
 @dataclass
@@ -44,6 +48,11 @@ class VAEConfig:
     limit: Optional[int] = None  # keep only this many training images (quick runs)
     event_shape: Tuple[int, ...] = (1, 28, 28)  # one datum: [C, H, W] image or [D] vector; fit sets it from the data
     # --- model p(x, z) = p(z) p(x|z) ---
+    model: str = "vae"  # vae | m2: the semi-supervised M2 with a label y (pyro_vae.program.m2)
+    num_labels: int = 100  # m2: training images whose label is observed (balanced over classes, chosen with `seed`)
+    alpha: float = 0.1  # m2: weight of the classification term alpha * N * mean log q(y|x) (Kingma et al.: 0.1)
+    labelled_batch: int = 100  # m2: labelled images in every step, beside the batch_size images (all if fewer)
+    num_classes: int = 10  # m2: values of the label y; fit sets it from the data's labels (largest + 1)
     z_dim: int = 20  # dimension of the latent z
     arch: str = "mlp"  # built-in networks: mlp (fully connected) | conv (strided convs down, transposed convs up)
     hidden: Tuple[int, ...] = (400,)  # mlp hidden layer widths; encoder uses them, decoder reversed (conv: unused)
@@ -55,14 +64,19 @@ class VAEConfig:
     local_lr: float = 0.1  # mean-field: SparseAdam learning rate of the per-datapoint parameters
     refine_steps: int = 5  # semi-amortized: gradient steps on each image's ELBO from the encoder's output
     refine_lr: float = 1e-2  # semi-amortized: step size of those refinement steps
+    flow_steps: int = 2  # iaf: conditional affine autoregressive transforms after the base Gaussian
+    prior: str = "normal"  # p(z): normal N(0, I) | mog (learned mixture) | vamp (VampPrior, learned pseudo-inputs)
+    prior_components: int = 10  # mog, vamp: mixture components K (vamp: pseudo-inputs)
     # --- inference ---
     elbo: str = "trace"  # trace: Trace_ELBO | meanfield: TraceMeanField_ELBO (analytic KL) | jit
-    num_particles: int = 1  # samples of z per datapoint in each ELBO estimate
+    num_particles: int = 1  # samples of z per datapoint in each ELBO estimate (K of iwae/dreg)
+    objective: str = "elbo"  # elbo | iwae: importance-weighted bound, K = num_particles | dreg: same bound, DReG gradient
     estimator: str = "reparam"  # reparam: z = mu + sigma*eps, pathwise gradient | score: REINFORCE / BBVI
     baseline: str = "none"  # score only: none | decaying-avg | neural (variance reduction)
     kl_warmup: int = 0  # epochs of linear KL warm-up: beta goes 1/E, 2/E, ..., 1 (0 = off)
     beta: float = 1.0  # weight of the KL term after warm-up (1 = the ELBO)
     lr: float = 1e-3  # Adam learning rate
+    lr_schedule: str = "constant"  # constant | cosine: lr (1 + cos(pi e / E)) / 2 | burda: lr 10^(-i/7), 8 stages of 3^i epochs scaled to E
     batch_size: int = 128  # images per minibatch
     epochs: int = 200  # passes over the training images
     seed: int = 0  # seed of parameter init, minibatch order, binarization and z draws
@@ -90,6 +104,8 @@ class VAEConfig:
             "estimator": ESTIMATORS,
             "baseline": BASELINES,
             "arch": ARCHS,
+            "objective": OBJECTIVES,
+            "lr_schedule": LR_SCHEDULES,
         }
         for name, allowed in choices.items():
             if name == "dataset" and (self.data_dir is not None or self.data is not None):
@@ -105,6 +121,8 @@ class VAEConfig:
             raise ConfigError(f"event_shape must be [C, H, W] or [D] with positive sizes; got {list(self.event_shape)}")
         self._check_sources()
         self._check_networks()
+        self._check_flows_priors()
+        self._check_m2()
         if not self.hidden or min(self.hidden) < 1:
             raise ConfigError(f"hidden must be positive layer widths, e.g. 400 or 500,500; got {self.hidden}")
         if self.refine_steps < 0:
@@ -121,6 +139,9 @@ class VAEConfig:
             raise ConfigError("estimator=score needs elbo=trace: TraceMeanField_ELBO assumes reparameterized sites")
         if self.baseline != "none" and self.elbo == "jit":
             raise ConfigError("baselines need elbo=trace (TraceGraph_ELBO); the jit ELBO ignores them")
+        if self.objective != "elbo" and (self.estimator != "reparam" or self.elbo == "meanfield"):
+            raise ConfigError(f"objective={self.objective} needs estimator=reparam and elbo=trace (sampled log weights, "
+                              "reparameterized z)")
         if self.kl_warmup < 0:
             raise ConfigError(f"kl_warmup must be >= 0; got {self.kl_warmup}")
         if self.val_size < 0:
@@ -137,6 +158,23 @@ class VAEConfig:
         if self.image_size is not None and self.image_size < 1:
             raise ConfigError(f"image_size must be a positive integer; got {self.image_size}")
 
+    def _check_flows_priors(self) -> None:
+        """Guides and priors beyond the diagonal Gaussian and N(0, I) (pyro_vae.program.priors)."""
+        if self.guide == "iaf" and self.flow_steps < 1:
+            raise ConfigError(f"flow_steps must be >= 1 for guide=iaf; got {self.flow_steps}")
+        if self.prior_components < 1:
+            raise ConfigError(f"prior_components must be a positive integer; got {self.prior_components}")
+        if self.prior == "vamp" and self.guide == "mean-field":
+            raise ConfigError("prior=vamp mixes the encoder's q(z|u_k) over pseudo-inputs; the mean-field guide has no "
+                              "encoder (use an amortized guide)")
+        closed_form = self.guide in ("amortized", "mean-field", "semi-amortized") and self.prior == "normal"
+        if self.elbo == "meanfield" and not closed_form:
+            raise ConfigError(f"elbo=meanfield needs KL(q || p) in closed form (a diagonal Gaussian guide and prior=normal); "
+                              f"guide={self.guide}, prior={self.prior}: use elbo=trace")
+        if self.guide == "semi-amortized" and self.prior != "normal" and self.refine_steps > 0:
+            raise ConfigError("the semi-amortized refinement uses the analytic KL against N(0, I): use prior=normal "
+                              "(or refine_steps=0)")
+
     def _check_networks(self) -> None:
         unknown = [m for m in self.custom_modules if m not in MODULES]
         if unknown or len(set(self.custom_modules)) != len(self.custom_modules):
@@ -148,10 +186,30 @@ class VAEConfig:
             if min(self.event_shape[1:]) < 4:
                 raise ConfigError(f"arch=conv needs images of at least 4x4 pixels; got {self.event_shape[1]}x{self.event_shape[2]}")
 
+    def _check_m2(self) -> None:
+        for name in ("num_labels", "labelled_batch", "num_classes"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be a positive integer; got {getattr(self, name)}")
+        if not (0 <= self.alpha < math.inf):
+            raise ConfigError(f"alpha must be >= 0 and finite; got {self.alpha}")
+        if self.model != "m2":
+            return
+        needs = {"guide": "amortized", "arch": "mlp", "estimator": "reparam", "elbo": "trace", "num_particles": 1,
+                 "custom_modules": (), "objective": "elbo"}  # what the M2 program is built for (TraceEnum_ELBO, one z per class)
+        wrong = [f"{k}={getattr(self, k)!r}" for k, v in needs.items() if getattr(self, k) != v]
+        if wrong:
+            raise ConfigError(f"model=m2 supports the amortized mlp networks, reparam, elbo=trace, one particle; "
+                              f"got {', '.join(wrong)}")
+
     @property
     def x_dim(self) -> int:
         """Numbers in one datum (pixels times channels, or the vector's length)."""
         return math.prod(self.event_shape)
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning-rate factor for a (0-based) epoch, from ``lr_schedule`` (a function of the epoch
+        alone, so a resumed run continues the same schedule)."""
+        return LR_FACTORS[self.lr_schedule](epoch, self.epochs)
 
     def beta_at(self, epoch: int) -> float:
         """KL weight for a (0-based) epoch: linear warm-up over ``kl_warmup`` epochs, then ``beta``."""
@@ -182,6 +240,24 @@ class VAEConfig:
 
     def replace(self, **changes) -> "VAEConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _burda_factor(epoch: int, epochs: int) -> float:
+    """Burda et al.'s schedule, 3^i epochs at 10^(-i/7), i = 0..7 (3280 epochs), compressed into
+    ``epochs``: the stage where the epoch starts (``epochs=3280``: exactly theirs)."""
+    done, total = 0, sum(3**i for i in range(8))  # 3280
+    for i in range(8):
+        done += 3**i
+        if epoch * total < epochs * done:
+            return 10 ** (-i / 7)
+    return 10 ** (-7 / 7)
+
+
+LR_FACTORS = {  # lr_schedule -> factor(epoch, epochs) multiplying lr
+    "constant": lambda epoch, epochs: 1.0,
+    "cosine": lambda epoch, epochs: 0.5 * (1 + math.cos(math.pi * epoch / epochs)),
+    "burda": _burda_factor,
+}
 
 
 def _type_ok(value, hint) -> bool:

@@ -43,7 +43,7 @@ FIGURE_FILES = ("elbo.png", "reconstructions.png", "samples.png", "latent.png", 
 
 
 RESUME_MAY_CHANGE = ("epochs", "device", "validate", "on_nonfinite")  # all else must match to resume
-FROM_DATA = ("event_shape",)  # set from the data by fit (the data fingerprint is checked instead)
+FROM_DATA = ("event_shape", "num_classes")  # set from the data by fit (the data fingerprint is checked instead)
 
 
 def write_json(path: Path, obj) -> None:

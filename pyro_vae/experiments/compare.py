@@ -27,16 +27,20 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..core.config import GUIDES, VAEConfig
+from ..infer.fused import NON_DIAGONAL
 from ..core.data import eval_binarized, load_splits
 from ..core.errors import ConfigError
 from ..core.rundir import atomic_write, write_json
 from ..infer.cache import digest, remember
 from ..infer.evaluate import evaluate
-from ..infer.local import LocalFit, fit_local
+from ..infer.local import LocalFit, fit_local, fit_local_flow
 from ..infer.run import Run, load_run
 from ..infer.svi import fit
 
-__all__ = ["GuideReport", "compare_guides", "QUICK",]
+__all__ = ["GuideReport", "compare_guides", "QUICK", "DEFAULT_GUIDES", "table2_markdown"]
+
+#: the guides compare-guides trains by default (the diagonal Gaussians; add iaf, full-rank by name)
+DEFAULT_GUIDES = ("amortized", "mean-field", "semi-amortized")
 
 # --quick: sizes for tests and notebooks (about a minute on 2 cores)
 QUICK = dict(epochs=5, train_limit=1000, limit=100, iwae_k=100, local_steps=200, star_steps=200)
@@ -60,9 +64,17 @@ class GuideReport:
     amortization_gap_se: float
     n: int
     iwae_k: int
+    # with the local flow (Cremer et al.'s full Table 2): L[q*_flow], and which q* the gaps use
+    elbo_flow: Optional[float] = None  # ELBO[q*_flow]: best flow per image
+    elbo_flow_se: Optional[float] = None
+    family: str = "FFG"  # q* of the gaps: FFG (diagonal Gaussian) | flow (iaf and full-rank guides, with flow)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        if self.elbo_flow is None:  # without the local flow: the comparison's original keys only
+            for key in ("elbo_flow", "elbo_flow_se", "family"):
+                d.pop(key)
+        return d
 
 
 def _posterior_from(fit: LocalFit):
@@ -76,8 +88,13 @@ def _paired(a: torch.Tensor, b: torch.Tensor):
 
 
 def gap_report(run: Run, x: torch.Tensor, *, iwae_k: int, local_steps: int, star_steps: int, seed: int = 0,
-               train_seconds: Optional[float] = None, progress: bool = False):
-    """Evaluate one trained run on held-out images ``x``; return ``(GuideReport, curves)``."""
+               train_seconds: Optional[float] = None, progress: bool = False, flow_steps: Optional[int] = None):
+    r"""Evaluate one trained run on held-out images ``x``; return ``(GuideReport, curves)``.
+
+    ``flow_steps``: also fit :math:`q^\star_{\text{flow}}` (a flow of ``flow_steps`` IAF steps per
+    image, :func:`~pyro_vae.infer.local.fit_local_flow`, started at :math:`q^\star_{\text{FFG}}`,
+    ``star_steps`` steps); then log p(x) is the IWAE bound with ``iwae_k`` samples from it, and the
+    gaps of a non-diagonal guide (``iaf``, ``full-rank``) are measured with it (Cremer et al.'s flow column)."""
     vae = run.vae
     amortized = vae.inference.amortized
     if amortized:  # the guide's own q: its encoder (semi-amortized: refined) output
@@ -87,18 +104,31 @@ def gap_report(run: Run, x: torch.Tensor, *, iwae_k: int, local_steps: int, star
         own = evaluate(run, x, iwae_k=1, elbo_samples=20, seed=seed, posterior=_posterior_from(q_own))
     star = fit_local(run, x, steps=star_steps, init="encoder" if amortized else "zero",
                      lr=1e-2 if amortized else 5e-2, seed=seed)
-    best = evaluate(run, x, iwae_k=iwae_k, elbo_samples=20, seed=seed, posterior=_posterior_from(star),
-                    progress=progress)
-    approx, approx_se = _paired(best.per_image["iwae"], best.per_image["elbo"])
-    amort, amort_se = _paired(best.per_image["elbo"], own.per_image["elbo"])
-    report = GuideReport(
+    best = evaluate(run, x, iwae_k=iwae_k if flow_steps is None else 1, elbo_samples=20, seed=seed,
+                    posterior=_posterior_from(star), progress=progress)
+    flow = None
+    if flow_steps is not None:
+        fitted = fit_local_flow(run, x, star.loc, star.scale, steps=star_steps, flow_steps=flow_steps, seed=seed)
+        flow = evaluate(run, x, iwae_k=iwae_k, elbo_samples=20, seed=seed, posterior=fitted.posterior,
+                        progress=progress)
+    return _report(run, own, best, flow, train_seconds, len(x), iwae_k), star
+
+
+def _report(run: Run, own, best, flow, train_seconds, n: int, iwae_k: int) -> GuideReport:
+    """The row of one guide from the evaluations of q, q*_FFG and (or None) q*_flow."""
+    family = "flow" if flow is not None and not getattr(run.vae.inference, "diagonal", True) else "FFG"
+    star = flow if family == "flow" else best  # the q* of this guide's family
+    log_p = (flow if flow is not None else best).per_image["iwae"]
+    approx, approx_se = _paired(log_p, star.per_image["elbo"])
+    amort, amort_se = _paired(star.per_image["elbo"], own.per_image["elbo"])
+    extra = {} if flow is None else dict(elbo_flow=flow.elbo, elbo_flow_se=flow.elbo_se, family=family)
+    return GuideReport(
         guide=run.config.guide, train_seconds=train_seconds,
         elbo=own.elbo, elbo_se=own.elbo_se, elbo_star=best.elbo, elbo_star_se=best.elbo_se,
-        iwae=best.iwae, iwae_se=best.iwae_se,
+        iwae=log_p.double().mean().item(), iwae_se=(flow if flow is not None else best).iwae_se,
         approximation_gap=approx, approximation_gap_se=approx_se,
-        amortization_gap=amort, amortization_gap_se=amort_se, n=len(x), iwae_k=iwae_k,
+        amortization_gap=amort, amortization_gap_se=amort_se, n=n, iwae_k=iwae_k, **extra,
     )
-    return report, star
 
 
 def local_fit_curves(run: Run, x: torch.Tensor, steps: int, seed: int = 0) -> Dict[str, LocalFit]:
@@ -132,7 +162,7 @@ def plot_local_fit(curves: Dict[str, dict], amortized_elbo: Optional[float], tit
 
 def compare_guides(
     config: VAEConfig,
-    guides: Sequence[str] = GUIDES,
+    guides: Sequence[str] = DEFAULT_GUIDES,
     *,
     runs: Optional[Sequence] = None,
     limit: int = 500,
@@ -143,8 +173,9 @@ def compare_guides(
     progress: bool = False,
     log=print,
     cache=False,
+    local_flow: Optional[bool] = None,
 ) -> dict:
-    """Train one VAE per guide on the same data, split and seed (or load ``runs``), then report
+    r"""Train one VAE per guide on the same data, split and seed (or load ``runs``), then report
     ELBO[q], ELBO[q*], IWAE and the two gaps on ``limit`` validation images.
 
     Writes ``comparison.md``, ``comparison.json`` and ``local_fit.png`` into ``out`` if given.
@@ -152,6 +183,10 @@ def compare_guides(
     comes from the run cache (``fit(..., cache=True)``; its ``train s`` is the training time its
     history records) and so does the evaluation, keyed by the runs' parameters, the images and
     every setting: a second call with the same settings trains and evaluates nothing.
+
+    ``local_flow`` (default: on when a guide is ``iaf`` or ``full-rank``): also fit a flow of
+    ``config.flow_steps`` IAF steps per image, :math:`q^\star_{\text{flow}}`, and report Cremer,
+    Li & Duvenaud (2018)'s Table 2: log p(x), L[q*_flow], L[q*_FFG], L[q] and both gaps.
     """
     bad = [g for g in guides if g not in GUIDES]
     if bad:
@@ -165,6 +200,10 @@ def compare_guides(
         raise ConfigError("compare-guides needs held-out images: use a val_size > 0")
     x = eval_binarized(val)[:limit]
     settings = dict(iwae_k=iwae_k, local_steps=local_steps, star_steps=star_steps)
+    if local_flow is None:
+        local_flow = any(r.config.guide in NON_DIAGONAL for r, _ in trained)
+    if local_flow:  # (only then in the cache key: earlier comparisons keep theirs)
+        settings["flow_steps"] = trained[0][0].config.flow_steps
     measure = lambda: _measure(trained, x, val, progress=progress, log=log, **settings)  # noqa: E731
     if cache:
         key = dict(settings, images=digest(x), dataset=val.name, split=val.split, binarize=val.binarize,
@@ -197,12 +236,12 @@ def _trained_runs(config, guides, runs, out, progress, log, cache) -> List[tuple
     return trained
 
 
-def _measure(trained, x, val, *, iwae_k, local_steps, star_steps, progress, log) -> dict:
+def _measure(trained, x, val, *, iwae_k, local_steps, star_steps, progress, log, flow_steps=None) -> dict:
     """The gap reports of the trained runs on ``x`` and the local-fit curves, as a JSON-ready dict."""
     reports = []
     for run, seconds in trained:
         report, _ = gap_report(run, x, iwae_k=iwae_k, local_steps=local_steps, star_steps=star_steps,
-                               train_seconds=seconds, progress=progress)
+                               train_seconds=seconds, progress=progress, flow_steps=flow_steps)
         reports.append(report)
         log(f"evaluated {report.guide}: ELBO {report.elbo:.2f}, IWAE {report.iwae:.2f}")
     reference = next((r for r, _ in trained if r.vae.inference.amortized), trained[0][0])
@@ -220,6 +259,7 @@ def _measure(trained, x, val, *, iwae_k, local_steps, star_steps, progress, log)
         "local_fit": {name: {"steps": c.steps, "elbo": c.elbo} for name, c in curves.items()},
         "local_fit_decoder": reference.config.guide,
         "local_fit_amortized": bool(reference.vae.inference.amortized),
+        **({} if flow_steps is None else {"flow_steps": flow_steps}),
     }
 
 
@@ -254,6 +294,39 @@ def to_markdown(result: dict) -> str:
             f"| {r['iwae']:.2f} ± {r['iwae_se']:.2f} | {r['approximation_gap']:.2f} ± {r['approximation_gap_se']:.2f} "
             f"| {r['amortization_gap']:.2f} ± {r['amortization_gap_se']:.2f} |"
         )
+    if "flow_steps" in result:
+        lines += ["", table2_markdown(result)]
+    return "\n".join(lines) + "\n"
+
+
+#: the rows of Cremer, Li & Duvenaud (2018)'s Table 2: (label, value key, standard-error key)
+TABLE2_ROWS = (
+    ("log p(x)", "iwae", "iwae_se"),
+    ("L[q*_flow]", "elbo_flow", "elbo_flow_se"),
+    ("L[q*_FFG]", "elbo_star", "elbo_star_se"),
+    ("L[q]", "elbo", "elbo_se"),
+    ("approximation gap", "approximation_gap", "approximation_gap_se"),
+    ("amortization gap", "amortization_gap", "amortization_gap_se"),
+)
+
+
+def table2_markdown(result: dict) -> str:
+    """Cremer et al.'s Table 2, one column per guide: log p(x) (IWAE, k samples from q*_flow),
+    L[q*_flow], L[q*_FFG], L[q], the gaps (paired standard errors) against the q* of the guide's
+    own family (its column header: FFG or flow)."""
+    guides = result["guides"]
+    head = " | ".join(f"{r['guide']} (q* {r['family']})" for r in guides)
+    lines = [
+        f"Cremer et al. (2018) Table 2 layout: log p(x) is the IWAE bound with k = {result['iwae_k']} samples "
+        f"from q*_flow ({result['flow_steps']} IAF steps per image, {result['star_steps']} Adam steps from q*_FFG); "
+        "gaps ± paired standard errors over images.",
+        "",
+        f"| | {head} |",
+        "|---|" + "---|" * len(guides),
+    ]
+    for label, key, se in TABLE2_ROWS:
+        cells = " | ".join(f"{r[key]:.2f} ± {r[se]:.2f}" for r in guides)
+        lines.append(f"| {label} | {cells} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,13 @@
 r"""The gradient-variance lab behind ``pyro-vae grad-variance``: independent ELBO gradient
 estimates on one fixed minibatch, per estimator (reparameterization, score function, with
-baselines), their mean, total variance and signal-to-noise ratio, and how they fall with the
-number of particles (Kucukelbir et al. 2017, figure 8).
+baselines; the importance-weighted bound's IWAE and DReG gradients), their mean, total variance
+and signal-to-noise ratio, and how they change with the number of particles K (Kucukelbir et al.
+2017, figure 8; for ``iwae`` the encoder's SNR falls like :math:`1/\sqrt{K}`, Rainforth et al. 2018,
+for ``dreg`` it does not, Tucker et al. 2019).
+
+The SNR of an estimator is :math:`\|\mathbb{E}\hat g\| / \sqrt{\mathrm{tr}\,\mathrm{Cov}[\hat g]}`,
+with :math:`\|\mathbb{E}\hat g\|` taken from the least noisy estimator of the *same* target: the
+ELBO's gradient (``reparam``, ``score``...) or, at each K, the IWAE bound's (``iwae``, ``dreg``).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from ..core.errors import ConfigError
 from ..core.rundir import atomic_write, write_json
 from ..infer.cache import digest, remember
 from ..infer.estimators import baseline_elbo, estimator_mode, fresh_averages
+from ..infer.iwae import DReG_ELBO, IWAE_ELBO
 from ..program.sites import baseline_net
 from .plots import DPI, plt
 
@@ -32,7 +39,12 @@ LAB_ESTIMATORS = {
     "score": ("score", "none"),
     "score+baseline": ("score", "decaying-avg"),
     "score+neural": ("score", "neural"),  # needs a run trained with --baseline neural
+    "iwae": ("reparam", "none"),  # the importance-weighted bound's gradient, K = the particles
+    "dreg": ("reparam", "none"),  # the same bound's doubly reparameterized gradient
 }
+
+#: estimators of another objective than the ELBO: name -> its Pyro ELBO class (K particles)
+LAB_OBJECTIVES = {"iwae": IWAE_ELBO, "dreg": DReG_ELBO}
 
 
 WARMUP = 30  # lab: estimates drawn before measuring, so a running-average baseline has settled
@@ -115,7 +127,9 @@ class _Welford:
         return self.m2 / max(self.n - 1, 1)
 
 
-def _lab_elbo(baseline: str, num_particles: int):
+def _lab_elbo(estimator: str, baseline: str, num_particles: int):
+    if estimator in LAB_OBJECTIVES:
+        return LAB_OBJECTIVES[estimator](num_particles=num_particles)
     if baseline == "none":  # Trace_ELBO: the score-function surrogate, no baseline
         return Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)
     return baseline_elbo(num_particles)
@@ -151,7 +165,7 @@ def gradient_moments(
     if num_particles < 1:
         raise ConfigError(f"num_particles must be a positive integer; got {num_particles}")
     kind, baseline = LAB_ESTIMATORS[estimator]
-    elbo = elbo if elbo is not None else _lab_elbo(baseline, num_particles)
+    elbo = elbo if elbo is not None else _lab_elbo(estimator, baseline, num_particles)
     groups = parameter_groups(vae)
     params = [p for ps in groups.values() for p in ps]
     slices, start = {}, 0
@@ -217,7 +231,7 @@ def gradient_variance(
         if name not in LAB_ESTIMATORS:
             raise ConfigError(f"unknown estimator {name!r}; choose from {', '.join(LAB_ESTIMATORS)}")
     if not getattr(vae.inference, "amortized", True):
-        raise ConfigError("grad-variance needs a guide with an encoder (amortized or semi-amortized)")
+        raise ConfigError("grad-variance needs a guide with an encoder (amortized, semi-amortized, iaf or full-rank)")
     sweep = sorted({int(p) for p in sweep})
     if sweep and sweep[0] < 1:
         raise ConfigError(f"particle counts must be positive; got {sweep}")
@@ -238,30 +252,29 @@ def _lab(vae, x, *, estimators, repeats, num_particles, sweep, warmup, seed) -> 
             vae, x, name, repeats=repeats, num_particles=particles, warmup=warmup, seed=seed
         )
 
-    table, elbo = {}, None
+    table, values = {}, {}
     for name in estimators:
         m = measure(name, num_particles)
-        elbo = m.elbo if elbo is None else elbo
+        values[name] = m.elbo  # the objective's mean estimate: the ELBO, or the IWAE bound
         table[name] = {g: m.summary(None if g == "total" else g) for g in GROUPS}
-    # all estimators are unbiased for the same gradient: the least noisy one measures its norm best
-    precise = min(estimators, key=lambda n: table[n]["total"]["total_variance"])
+    elbo = next((values[n] for n in estimators if n not in LAB_OBJECTIVES), None)
+    precise = _set_snr(table)
     for name in estimators:
         for g in GROUPS:
             s, ref = table[name][g], table.get("reparam", {}).get(g)
             ok = ref is not None and ref["total_variance"] > 0
             s["variance_ratio"] = s["total_variance"] / ref["total_variance"] if ok else None
-            norm = table[precise][g]["mean_norm"]
-            s["snr"] = norm / math.sqrt(s["total_variance"]) if s["total_variance"] > 0 else math.inf
     curves = {name: {g: [] for g in GROUPS} for name in estimators}
+    snr = {name: {g: [] for g in GROUPS} for name in estimators}
     for particles in sweep:
+        at = {name: table[name] if particles == num_particles else
+              {g: m.summary(None if g == "total" else g) for m in [measure(name, particles)] for g in GROUPS}
+              for name in estimators}
+        _set_snr(at)
         for name in estimators:
-            if particles == num_particles:
-                values = {g: table[name][g]["total_variance"] for g in GROUPS}
-            else:
-                m = measure(name, particles)
-                values = {g: m.summary(None if g == "total" else g)["total_variance"] for g in GROUPS}
             for g in GROUPS:
-                curves[name][g].append(values[g])
+                curves[name][g].append(at[name][g]["total_variance"])
+                snr[name][g].append(at[name][g]["snr"])
     return {
         "batch_size": int(x.shape[0]),
         "repeats": repeats,
@@ -269,11 +282,32 @@ def _lab(vae, x, *, estimators, repeats, num_particles, sweep, warmup, seed) -> 
         "warmup": warmup,
         "seed": seed,
         "elbo": elbo,
-        "gradient": "of the minibatch's mean ELBO (nats per image)",
+        "iwae_bound": next((values[n] for n in estimators if n in LAB_OBJECTIVES), None),
+        "gradient": "of the minibatch's mean ELBO, or IWAE bound for iwae/dreg (nats per image)",
         "snr_norm_from": precise,
         "estimators": table,
-        "sweep": {"num_particles": sweep, "total_variance": curves},
+        "sweep": {"num_particles": sweep, "total_variance": curves, "snr": snr},
     }
+
+
+def _target(name: str) -> str:
+    """The gradient an estimator is unbiased for: the IWAE bound's (iwae, dreg) or the ELBO's."""
+    return "iwae" if name in LAB_OBJECTIVES else "elbo"
+
+
+def _set_snr(table: dict) -> dict:
+    """Set each entry's ``snr`` from the mean-gradient norm of the least noisy estimator of the
+    same target (it measures that norm best); return ``{target: that estimator}``."""
+    precise = {}
+    for name in table:
+        best = precise.get(_target(name))
+        if best is None or table[name]["total"]["total_variance"] < table[best]["total"]["total_variance"]:
+            precise[_target(name)] = name
+    for name, groups in table.items():
+        for g, s in groups.items():
+            norm = table[precise[_target(name)]][g]["mean_norm"]
+            s["snr"] = norm / math.sqrt(s["total_variance"]) if s["total_variance"] > 0 else math.inf
+    return precise
 
 
 def format_table(result: dict) -> str:
@@ -290,17 +324,17 @@ def format_table(result: dict) -> str:
             norm = f"{s['mean_norm']:.4g} ± {s['mean_noise']:.2g}"
             lines.append(f"| {name} | {g} | {norm} | {s['total_variance']:.4g} | {s['snr']:.3g} | {ratio} |")
     text = [
-        "# Gradient variance: reparameterization vs score function",
+        "# Gradient variance: " + ", ".join(result["estimators"]),
         "",
         f"{result.get('source', 'model')}; one fixed minibatch of {result['batch_size']} images "
-        f"(minibatch ELBO {result['elbo']:.2f} nats/image); {result['repeats']} independent estimates "
+        f"({_values(result)}); {result['repeats']} independent estimates "
         f"per estimator, {p} particle{'s' if p > 1 else ''} (samples of z per image) each.",
         "",
-        "Gradient of the minibatch's mean ELBO in nats per image. *Total variance*: the trace of the "
+        "Gradient of the minibatch's mean ELBO (iwae, dreg: of its IWAE bound) in nats per image. *Total variance*: the trace of the "
         "estimator's covariance, summed over parameters. *‖mean gradient‖*: ‖E ĝ‖ from this estimator's "
         "estimates, corrected for the noise of their average (± sqrt(total variance / R), the size of that "
         "noise). *SNR*: ‖E ĝ‖ / sqrt(total variance), with ‖E ĝ‖ from the least noisy estimator "
-        f"({result.get('snr_norm_from', '?')}; all estimate the same gradient).",
+        f"of the same target ({_names(result.get('snr_norm_from', '?'))}).",
         "",
         *lines,
     ]
@@ -311,7 +345,25 @@ def format_table(result: dict) -> str:
         text += [f"| estimator | {head} |", "|---|" + "---:|" * len(sweep["num_particles"])]
         for name, curves in sweep["total_variance"].items():
             text.append(f"| {name} | " + " | ".join(f"{v:.4g}" for v in curves["encoder"]) + " |")
+        if "snr" in sweep:
+            text += ["", "SNR of the encoder's gradient against the number of particles P (= K for iwae, dreg):", ""]
+            text += [f"| estimator | {head} |", "|---|" + "---:|" * len(sweep["num_particles"])]
+            for name, curves in sweep["snr"].items():
+                text.append(f"| {name} | " + " | ".join(f"{v:.3g}" for v in curves["encoder"]) + " |")
     return "\n".join(text) + "\n"
+
+
+def _values(result: dict) -> str:
+    """The minibatch's ELBO and IWAE bound (K = the particles), where measured."""
+    parts = [f"minibatch ELBO {result['elbo']:.2f}" if result.get("elbo") is not None else "",
+             f"IWAE bound {result['iwae_bound']:.2f}" if result.get("iwae_bound") is not None else ""]
+    return ", ".join(p for p in parts if p) + " nats/image"
+
+
+def _names(precise) -> str:
+    if isinstance(precise, dict):
+        return ", ".join(f"{name} for the {target} gradient" for target, name in precise.items())
+    return str(precise)
 
 
 def plot_grad_variance(result: dict):
@@ -319,7 +371,8 @@ def plot_grad_variance(result: dict):
     encoder and the decoder parameters; the dotted line falls as 1/P."""
     sweep = result["sweep"]
     ps = sweep["num_particles"]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    with_snr = "snr" in sweep
+    fig, axes = plt.subplots(1, 3 if with_snr else 2, figsize=(13.5 if with_snr else 9, 3.8))
     for ax, g, title in zip(axes, ("encoder", "decoder"), ("encoder (guide) parameters", "decoder parameters")):
         for name, curves in sweep["total_variance"].items():
             ax.plot(ps, curves[g], marker="o", label=name)
@@ -338,9 +391,30 @@ def plot_grad_variance(result: dict):
         0.03, 0.03, "same z draws: the decoder's gradient\nis the same under every estimator",
         transform=axes[1].transAxes, fontsize="small", color="dimgrey",
     )
+    if with_snr:
+        _plot_snr(axes[2], ps, sweep["snr"])
     fig.suptitle(f"gradient variance on one minibatch of {result['batch_size']} images, {result['repeats']} estimates")
     fig.tight_layout()
     return fig
+
+
+def _plot_snr(ax, ps, snr: dict) -> None:
+    """The encoder gradient's SNR against P (log-log); the dotted lines rise and fall as sqrt(P)."""
+    for name, curves in snr.items():
+        ax.plot(ps, curves["encoder"], marker="o", label=name)
+    finite = [v for c in snr.values() for v in c["encoder"] if 0 < v < math.inf]
+    if ps and finite:
+        mid = math.exp(sum(math.log(v) for v in finite) / len(finite))
+        ax.plot(ps, [mid * math.sqrt(p / ps[0]) for p in ps], ":", color="grey", label="∝ √P")
+        ax.plot(ps, [mid * math.sqrt(ps[0] / p) for p in ps], "--", color="grey", lw=0.8, label="∝ 1/√P")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(ps, [str(p) for p in ps])
+    ax.set_xlabel("particles P (K of iwae, dreg)")
+    ax.set_ylabel("SNR = ‖E ĝ‖ / √tr Cov ĝ")
+    ax.set_title("encoder gradient's SNR")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3, which="both")
 
 
 def write_grad_variance(result: dict, out) -> Dict[str, Path]:

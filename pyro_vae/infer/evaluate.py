@@ -48,6 +48,7 @@ from ..core.data import ImageData, check_shape_matches, eval_binarized, load_dat
 from ..core.errors import ConfigError
 from ..core.progress import tqdm
 from ..core.rundir import write_json
+from ..program.guides import reparameterize
 from .local import fit_local
 from .run import Run, load_run
 
@@ -200,7 +201,12 @@ def elbo_terms(
         z = loc + scale * eps_chunk  # [c, B, z_dim]
         log_lik = log_lik + vae.likelihood(z).log_prob(x).sum(0)
     reconstruction = log_lik / eps.shape[0]
-    kl = kl_divergence(dist.Normal(loc, scale).to_event(1), vae.prior(x.shape[0]))  # [B]
+    q, prior = dist.Normal(loc, scale).to_event(1), vae.prior(x.shape[0])
+    try:
+        kl = kl_divergence(q, prior)  # [B]
+    except NotImplementedError:  # a learned prior (mixture): Monte Carlo over the same draws
+        kl = sum((q.log_prob(z) - prior.log_prob(z)).sum(0) for z in (loc + scale * e for e in eps.split(
+            _chunk_size(chunk_k, x.shape[0])))) / eps.shape[0]
     return {"elbo": reconstruction - kl, "reconstruction": reconstruction, "kl": kl}
 
 
@@ -317,7 +323,7 @@ def _encoder_posterior(vae, local_steps: int = 300, seed: int = 0) -> Posterior:
 
     def posterior(x, idx):
         with torch.no_grad():
-            return guide.posterior(x, idx)
+            return guide.posterior(x, idx) if getattr(guide, "diagonal", True) else guide.q(x, idx)
 
     return posterior
 
@@ -358,7 +364,8 @@ def evaluate(
     :param elbo_samples: draws of z per image for the ELBO's reconstruction term.
     :param batch_size: images per batch (the results do not depend on it).
     :param seed: seed of all draws; image ``i``'s draws depend only on ``(seed, i)``.
-    :param posterior: ``(x [B, D], idx [B]) -> (loc, scale)``, each ``[B, z_dim]``: q for these
+    :param posterior: ``(x [B, D], idx [B]) -> (loc, scale)``, each ``[B, z_dim]``, or a
+        distribution over z (event ``[z_dim]``, e.g. a guide's ``q(x, idx)``): q for these
         images (``idx``: their rows in ``images``), e.g. a per-image fit for guides without an
         encoder. Called with gradients enabled as the caller has them; its outputs are detached.
         Default: the guide's ``posterior(x, idx)`` (amortized guides), under ``torch.no_grad``.
@@ -435,20 +442,70 @@ def _score_images(vae, x_all, posterior: Posterior, iwae_k, elbo_samples, batch_
     bar = tqdm(total=n, unit="img", desc=f"evaluate (k={iwae_k})", disable=not progress, leave=False)
     for idx in torch.arange(n).split(batch_size):
         x = x_all[idx].to(device=device, dtype=dtype)  # [B, D]
-        loc, scale = posterior(x, idx.to(device))  # [B, z_dim] each
-        loc, scale = loc.detach().to(dtype), scale.detach().to(dtype)
-        with torch.no_grad():
-            z_dim = loc.shape[-1]
-            eps = _image_normal(idx, elbo_samples, z_dim, seed, stream=0).to(device, dtype)  # [S, B, z_dim]
-            terms = elbo_terms(vae, x, loc, scale, elbo_samples, chunk_k=chunk_k, eps=eps)
-            eps = _image_normal(idx, iwae_k, z_dim, seed, stream=1).to(device, dtype)  # [k, B, z_dim]
-            terms["iwae"] = iwae_bound(vae, x, loc, scale, iwae_k, chunk_k, eps=eps)
-        terms["loc"] = loc
+        q = posterior(x, idx.to(device))  # (loc, scale), [B, z_dim] each, or a distribution
+        if isinstance(q, torch.distributions.Distribution):  # full-rank, flow: any reparameterized q
+            terms = _distribution_terms(vae, x, q, idx, elbo_samples, iwae_k, seed, chunk_k)
+        else:
+            terms = _gaussian_terms(vae, x, *q, idx, elbo_samples, iwae_k, seed, chunk_k)
         for key, value in terms.items():
             per_image[key].append(value.cpu())
         bar.update(len(idx))
     bar.close()
     return {key: torch.cat(parts) for key, parts in per_image.items()}
+
+
+def _gaussian_terms(vae, x, loc, scale, idx, elbo_samples, iwae_k, seed, chunk_k) -> Dict[str, torch.Tensor]:
+    """The per-image terms of a diagonal Gaussian q, from each image's own seeded draws."""
+    device, dtype = x.device, x.dtype
+    loc, scale = loc.detach().to(dtype), scale.detach().to(dtype)
+    with torch.no_grad():
+        z_dim = loc.shape[-1]
+        eps = _image_normal(idx, elbo_samples, z_dim, seed, stream=0).to(device, dtype)  # [S, B, z_dim]
+        terms = elbo_terms(vae, x, loc, scale, elbo_samples, chunk_k=chunk_k, eps=eps)
+        eps = _image_normal(idx, iwae_k, z_dim, seed, stream=1).to(device, dtype)  # [k, B, z_dim]
+        terms["iwae"] = iwae_bound(vae, x, loc, scale, iwae_k, chunk_k, eps=eps)
+    terms["loc"] = loc
+    return terms
+
+
+@torch.no_grad()
+def _distribution_terms(vae, x, q, idx, elbo_samples, iwae_k, seed, chunk_k) -> Dict[str, torch.Tensor]:
+    r"""The per-image terms of any reparameterized q (full-rank, flow) from the same seeded draws
+    :math:`\epsilon` as the Gaussian path, :math:`z = T(\epsilon)` with its :math:`\log q(z)`
+    (:func:`~pyro_vae.program.guides.reparameterize`). ``kl`` is exact where torch has it in closed
+    form, else the Monte-Carlo mean of :math:`\log q(z) - \log p(z)`; ``loc`` (for active units) is
+    :math:`T(0)`, the point the zero draw maps to: the mean of a full-rank Gaussian, the flow's image
+    of its base mean (a Monte-Carlo mean would add noise of the size of the 0.01 threshold)."""
+    z_dim, prior = q.event_shape[-1], vae.prior(x.shape[0])
+    sums = dict(reconstruction=0.0, kl=0.0)
+    eps = _image_normal(idx, elbo_samples, z_dim, seed, stream=0).to(x.device, x.dtype)  # [S, B, z_dim]
+    for chunk in eps.split(_chunk_size(chunk_k, x.shape[0])):
+        z, log_q = reparameterize(q, chunk)  # [c, B, z_dim], [c, B]
+        sums["reconstruction"] = sums["reconstruction"] + _log_likelihood(vae, x, z).sum(0)
+        sums["kl"] = sums["kl"] + (log_q - prior.log_prob(z)).sum(0)
+    terms = {key: value / elbo_samples for key, value in sums.items()}
+    terms["loc"] = reparameterize(q, eps.new_zeros(eps.shape[1:]))[0]  # [B, z_dim]
+    try:
+        terms["kl"] = kl_divergence(q, prior)  # [B]
+    except NotImplementedError:
+        pass
+    terms["elbo"] = terms["reconstruction"] - terms["kl"]
+    total = x.new_full(x.shape[:1], -math.inf)  # [B], log sum_i w_i so far
+    eps = _image_normal(idx, iwae_k, z_dim, seed, stream=1).to(x.device, x.dtype)  # [k, B, z_dim]
+    for chunk in eps.split(_chunk_size(chunk_k, x.shape[0])):
+        z, log_q = reparameterize(q, chunk)
+        total = torch.logaddexp(total, (_log_likelihood(vae, x, z) + prior.log_prob(z) - log_q).logsumexp(0))
+    terms["iwae"] = total - math.log(iwae_k)
+    return terms
+
+
+def _log_likelihood(vae, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """log p(x|z), ``[c, B]`` for ``z [c, B, z_dim]`` (Bernoulli: one fused BCE pass)."""
+    with pyro.validation_enabled(False):
+        if vae.config.likelihood == "bernoulli":
+            logits = vae.decode(z)  # [c, B, D]
+            return -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
+        return vae.likelihood(z).log_prob(x)
 
 
 #: the file ``pyro-vae evaluate RUN_DIR --save`` writes into the run folder (``pyro-vae runs`` reads it)

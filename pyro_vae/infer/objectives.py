@@ -10,11 +10,20 @@ from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
 from ..core.config import VAEConfig
 from ..program.model import VAE
 from .estimators import baseline_elbo
-from .fused import fused_available, fused_elbo_loss
+from .fused import fused_available, fused_elbo_loss, fused_iwae_loss
+from .iwae import DReG_ELBO, IWAE_ELBO
+from .m2 import m2_elbo_per_image, m2_loss
 
 __all__ = ["make_elbo", "make_loss", "check_fused", "make_optimizer", "Optimizers", "elbo_per_image"]
 
 def make_elbo(config: VAEConfig):
+    """The Pyro ELBO (a ``pyro.infer.ELBO``) that ``config.objective`` names: the ELBO estimator
+    of ``config.elbo``, or the importance-weighted bound with K = ``num_particles``
+    (:mod:`pyro_vae.infer.iwae`)."""
+    return OBJECTIVES[config.objective](config)
+
+
+def _elbo(config: VAEConfig):
     """The ELBO estimator that ``config.elbo`` names; several particles are vectorised.
     Score-function baselines need ``TraceGraph_ELBO`` (``Trace_ELBO`` ignores them)."""
     if config.estimator == "score" and config.baseline != "none":
@@ -22,6 +31,17 @@ def make_elbo(config: VAEConfig):
     cls = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "jit": JitTrace_ELBO}[config.elbo]
     vectorize = config.num_particles > 1
     return cls(num_particles=config.num_particles, vectorize_particles=vectorize, max_plate_nesting=1)
+
+
+OBJECTIVES = {  # config.objective -> the Pyro ELBO for a config
+    "elbo": _elbo,
+    "iwae": lambda config: IWAE_ELBO(num_particles=config.num_particles),
+    "dreg": lambda config: DReG_ELBO(num_particles=config.num_particles),
+}
+
+#: ``config.model`` -> its loss and validation ELBO, for the programs other than the VAE
+OTHER_LOSSES = {"m2": m2_loss}
+OTHER_ELBO_PER_IMAGE = {"m2": m2_elbo_per_image}
 
 
 class Optimizers:
@@ -51,12 +71,13 @@ def make_loss(vae: VAE, config: VAEConfig):
 
     Pyro's ``ELBO.differentiable_loss`` on ``vae.model``/``vae.guide``; where ``config.fused``
     and it is exact, :func:`~pyro_vae.fused.fused_elbo_loss`, the same estimate without tracing.
+    ``config.model="m2"``: :func:`~pyro_vae.infer.m2.m2_loss` (``TraceEnum_ELBO``, never fused).
     """
+    if config.model != "vae":
+        return OTHER_LOSSES[config.model](vae, config)
     if config.fused and fused_available(config):
-        analytic_kl = config.elbo == "meanfield"
-
         def loss(x, idx, num_data, beta, noise_rows=None):
-            return fused_elbo_loss(vae, x, idx, num_data, beta, analytic_kl, noise_rows)
+            return fused_loss(vae, config, x, idx, num_data, beta, noise_rows)
 
         loss.fused = True
         return loss
@@ -67,6 +88,13 @@ def make_loss(vae: VAE, config: VAEConfig):
 
     loss.fused = False
     return loss
+
+
+def fused_loss(vae: VAE, config: VAEConfig, x, idx, num_data, beta, noise_rows=None) -> torch.Tensor:
+    """The fused estimate of what :func:`make_elbo` computes (where :func:`fused_available`)."""
+    if config.objective == "elbo":
+        return fused_elbo_loss(vae, x, idx, num_data, beta, config.elbo == "meanfield", noise_rows)
+    return fused_iwae_loss(vae, x, idx, num_data, beta, config.num_particles, config.objective == "dreg", noise_rows)
 
 
 def make_optimizer(vae: VAE, config: VAEConfig):
@@ -85,7 +113,10 @@ def elbo_per_image(vae: VAE, x: torch.Tensor, batch_size: int = 1000, seed: int 
     """The ELBO in nats per image, with the analytic KL (``TraceMeanField_ELBO``), one z per image.
 
     Uses its own seeded random stream so calling it does not change the training stream.
+    ``vae.config.model="m2"``: :func:`~pyro_vae.infer.m2.m2_elbo_per_image` (y summed out).
     """
+    if vae.config.model != "vae":
+        return OTHER_ELBO_PER_IMAGE[vae.config.model](vae, x, batch_size, seed)
     elbo = TraceMeanField_ELBO()
     devices = [x.device] if x.device.type == "cuda" else []
     total = 0.0
@@ -98,7 +129,7 @@ def elbo_per_image(vae: VAE, x: torch.Tensor, batch_size: int = 1000, seed: int 
 
 def check_fused(vae, config: VAEConfig, x, idx, num_data, beta: float = 1.0, rtol: float = 1e-4,
                 binarize: bool = False) -> None:
-    """Compare :func:`fused_elbo_loss` with the Pyro ELBO on one minibatch (same seed); raise
+    """Compare :func:`fused_loss` with the Pyro ELBO on one minibatch (same seed); raise
     ``RuntimeError`` if they differ, e.g. after a change to the model that the fused path lacks.
     ``binarize``: draw a binarization of ``x`` first. The check draws from its own random stream,
     so training with and without the fused path draws the same numbers."""
@@ -109,6 +140,6 @@ def check_fused(vae, config: VAEConfig, x, idx, num_data, beta: float = 1.0, rto
         torch.manual_seed(0)
         reference = make_elbo(config).loss(vae.model, vae.guide, x, idx, num_data=num_data, beta=beta)
         torch.manual_seed(0)
-        fused = fused_elbo_loss(vae, x, idx, num_data, beta, analytic_kl=config.elbo == "meanfield").item()
+        fused = fused_loss(vae, config, x, idx, num_data, beta).item()
     if abs(fused - reference) > rtol * abs(reference) + 1e-3:
         raise RuntimeError(f"fused ELBO {fused} differs from Pyro's {reference}: run with fused=False")

@@ -15,6 +15,7 @@ from ..core.errors import CheckpointError, ConfigError, PyroVAEError, ResourceEr
 from ..core.rundir import load_checkpoint
 from ..program.memory import check_memory
 from ..program.model import VAE
+from ..program.programs import build_program
 from .local import fit_local
 
 __all__ = ["Run", "load_run"]
@@ -34,7 +35,9 @@ class Run:
 
     def encode(self, x: torch.Tensor, local_steps: int = 300):
         """``(loc, scale)`` of q(z|x) for images ``x [B, D]``: the guide's encoder, or for guides
-        without one (mean-field) a :func:`~pyro_vae.local.fit_local` of ``local_steps`` steps."""
+        without one (mean-field) a :func:`~pyro_vae.local.fit_local` of ``local_steps`` steps.
+        (``iaf``: the flow's base Gaussian; ``full-rank``: the mean and marginal standard deviations;
+        ``vae.inference.q(x)`` is the whole q.)"""
         x = x.to(self.device)
         if not self.vae.inference.amortized:
             fit = fit_local(self.vae, x, steps=local_steps, init="zero")
@@ -50,8 +53,13 @@ class Run:
 
     @torch.no_grad()
     def sample(self, n: int, seed: Optional[int] = None) -> torch.Tensor:
-        """Decoded prior samples: E[x|z] for ``z ~ N(0, I)``, ``[n, D]``."""
+        """Decoded prior samples: E[x|z] for ``z ~ p(z)`` (N(0, I), or the learned prior), ``[n, D]``."""
         g = torch.Generator().manual_seed(seed) if seed is not None else None
+        if getattr(self.config, "prior", "normal") != "normal":  # mog, vamp: the model's own p(z)
+            with torch.random.fork_rng(devices=[]):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                return self.vae.decode_mean(self.vae.prior(n).sample())
         z = torch.randn(n, self.config.z_dim, generator=g).to(self.device)
         return self.vae.decode_mean(z)
 
@@ -65,7 +73,7 @@ def _check_shapes(config: VAEConfig, model: dict, num_data: Optional[int], vae: 
         expected = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
     else:
         with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in VAE(config, num_data=num_data).state_dict().items()}
+            expected = {k: tuple(v.shape) for k, v in build_program(config, num_data).state_dict().items()}
     found = {k: tuple(v.shape) for k, v in model.items()}
     for k in sorted(set(expected) | set(found)):
         if expected.get(k) != found.get(k):
@@ -121,7 +129,7 @@ def load_run(path, device="cpu", *, encoder: Optional[nn.Module] = None, decoder
     try:
         _check_shapes(config, state["model"], num_data, own)
         check_memory(config, "cpu", num_data=num_data, copies=1, what="loading the run")  # a second copy of the weights
-        vae = own if own is not None else VAE(config, num_data=num_data)
+        vae = own if own is not None else build_program(config, num_data)
         vae.load_state_dict(state["model"])
     except ResourceError:
         raise

@@ -38,7 +38,7 @@ from ..core.data import as_image_data, check_images, eval_binarized, load_splits
 from ..core.errors import ConfigError, TrainingError, TrainingInterrupted
 from ..core.progress import tqdm
 from ..program.memory import check_memory
-from ..program.model import VAE
+from ..program.programs import build_program, fit_to_data
 from .cache import cached_run
 from .callbacks import Callback
 from .checkpointing import Checkpointer, data_fingerprint, open_run_folder
@@ -162,7 +162,8 @@ class Trainer:
         self.progress, self.log, self.callbacks = progress, log, list(callbacks)
         self.folder, saved = self._open(out, config, overwrite, resume)
         self.train_data, self.val_data = self._data(config, train_data, val_data)
-        self.config = config = config.replace(event_shape=tuple(self.train_data.event_shape))
+        self.config = config = fit_to_data(config.replace(event_shape=tuple(self.train_data.event_shape)),
+                                           self.train_data)  # m2: num_classes from the labels
         self.global_batch = config.batch_size * (1 if self.dp is None else self.dp.world_size)  # images per step
         if self.global_batch > len(self.train_data):
             per = "" if self.dp is None else f" x {self.dp.world_size} processes"
@@ -205,7 +206,7 @@ class Trainer:
         # the validation ELBO needs q(z|x) for unseen images: guides with an encoder only
         with_encoder = config.guide != "mean-field"
         self.x_val = eval_binarized(self.val_data).to(self.device) if self.val_data is not None and with_encoder else None
-        self.vae = VAE(config, num_data=self.num_data, encoder=self.encoder, decoder=self.decoder).to(self.device)
+        self.vae = build_program(config, self.num_data, self.train_data, self.encoder, self.decoder).to(self.device)
         self.run = Run(config, self.vae, [], self.folder)
         self.loss_fn = make_loss(self.vae, config)
         if self.loss_fn.fused:  # the fused loss must agree with Pyro's ELBO on this model: check once
@@ -213,6 +214,7 @@ class Trainer:
             check_fused(self.vae, config, self.images[first], first, self.num_data,
                         binarize=self.train_data.binarize == "dynamic")
         self.optimizer = make_optimizer(self.vae, config)
+        self.base_lrs = [group["lr"] for group in _param_groups(self.optimizer)]  # config.lr_at(epoch) scales these
         self.params = list(self.vae.parameters())
         write = self.dp is None or self.dp.is_main
         self.checkpoints = Checkpointer(self.folder, write, self.vae, self.optimizer, config,
@@ -248,6 +250,7 @@ class Trainer:
             warnings.filterwarnings("ignore", message="Encountered NaN")  # Pyro's; the loop reports NaN itself
             for epoch in range(len(self.run.history), self.config.epochs):
                 state = self._start_epoch(epoch)
+                self._schedule_lr(epoch)
                 self.train_epoch(state)
                 self._end_epoch(state)
             if self._stop_requested(sync=True):  # the signal came during the last epoch's bookkeeping
@@ -255,6 +258,13 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_train_end(self)
         return self.run
+
+    def _schedule_lr(self, epoch: int) -> None:
+        """Set every learning rate to its configured value times ``config.lr_at(epoch)`` (a
+        function of the epoch alone: a resumed run gets the same rates)."""
+        factor = self.config.lr_at(epoch)
+        for group, base in zip(_param_groups(self.optimizer), self.base_lrs):
+            group["lr"] = base * factor
 
     def train_epoch(self, state: EpochState) -> None:
         """One pass over the training images in minibatches, one SVI step each."""
@@ -400,6 +410,12 @@ def _image_data(config: VAEConfig, train_data, val_data):
     """``(train, val)`` as :class:`~pyro_vae.core.data.ImageData` (tensors, arrays, Datasets converted)."""
     return tuple(None if d is None else as_image_data(d, split=split, binarize=config.binarize, seed=config.split_seed)
                  for d, split in ((train_data, "train"), (val_data, "val")))
+
+
+def _param_groups(optimizer) -> list:
+    """The param groups of a torch optimizer or of :class:`~pyro_vae.infer.objectives.Optimizers`."""
+    optimizers = getattr(optimizer, "optimizers", (optimizer,))
+    return [group for o in optimizers for group in o.param_groups]
 
 
 def _silent(message: str) -> None:

@@ -6,25 +6,35 @@ touches :meth:`pyro_vae.model.VAE.model`.
 - :class:`AmortizedGuide`: :math:`(\mu_i, \sigma_i) = f_\phi(x_i)`, one encoder shared by all images.
 - :class:`MeanFieldGuide`: free :math:`(\mu_i, \sigma_i)` per image, nothing shared.
 - :class:`SemiAmortizedGuide`: the encoder's output refined by K gradient steps on each image's ELBO.
+
+Beyond the diagonal Gaussian (amortized, encoder-based): :class:`IAFGuide` (a base Gaussian pushed
+through conditional inverse autoregressive flows) and :class:`FullRankGuide` (a Gaussian with a full
+covariance). Every guide gives its q(z|x) as a distribution, :meth:`Guide.q` (event shape
+``[z_dim]``); the diagonal guides build it from :meth:`Guide.posterior`'s ``(loc, scale)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.distributions.transforms import ConditionalAffineAutoregressive, Permute
+from pyro.nn import ConditionalAutoRegressiveNN
 from torch import nn
 from torch.nn import functional as F
 
 from ..core.config import VAEConfig
-from .networks import Encoder, make_encoder
+
+from .networks import ConvEncoder, Encoder, make_encoder
 from .plates import data_plate
 from .sites import baseline_options, non_reparameterized, set_estimator
 
-__all__ = ["Guide", "AmortizedGuide", "MeanFieldGuide", "SemiAmortizedGuide", "make_guide", "local_elbo", "refine"]
+__all__ = ["Guide", "AmortizedGuide", "MeanFieldGuide", "SemiAmortizedGuide", "IAFGuide", "FullRankGuide",
+           "make_guide", "local_elbo", "refine", "encode_with_context", "reparameterize", "GUIDE_FAMILIES"]
 
 
 class Guide(nn.Module):
@@ -32,6 +42,7 @@ class Guide(nn.Module):
 
     z_dim: int
     amortized = True  # posterior(x) works for any image, seen in training or not
+    diagonal = True  # q is the diagonal Gaussian of posterior(x, idx) (False: only q(x, idx) describes it)
     estimator = "reparam"  # reparam | score: how the ELBO's gradient treats z (pyro_vae.estimators)
     baseline = "none"  # score only: none | decaying-avg | neural
 
@@ -45,10 +56,14 @@ class Guide(nn.Module):
     def distribution(self, loc: torch.Tensor, scale: torch.Tensor) -> dist.Distribution:
         return dist.Normal(loc, scale).to_event(1)
 
+    def q(self, x: torch.Tensor, idx: Optional[torch.Tensor] = None) -> dist.Distribution:
+        """q(z|x) of the images ``x`` (rows ``idx``): batch shape ``[B]``, event shape ``[z_dim]``."""
+        loc, scale = self.posterior(x, idx)  # [B, z_dim] each
+        return self.distribution(loc, scale)
+
     def forward(self, x, idx=None, num_data=None, beta=1.0):
         self.register()
-        loc, scale = self.posterior(x, idx)  # [B, z_dim] each
-        q, infer = self.distribution(loc, scale), {}
+        q, infer = self.q(x, idx), {}
         if self.estimator == "score" and torch.is_grad_enabled():  # no gradient, no estimator to choose
             # z is drawn without a pathwise gradient: the ELBO uses the score function (BBVI)
             q, infer = non_reparameterized(q), baseline_options(self, x, num_data)
@@ -158,6 +173,147 @@ class SemiAmortizedGuide(AmortizedGuide):
         return loc + (refined_loc - loc).detach(), scale * (refined_log_scale.exp() / scale).detach()
 
 
+def encode_with_context(encoder: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loc, scale, h)`` of the encoder for ``x [B, D]``: its Gaussian and a context vector ``h [B, C]``.
+
+    For the built-in networks ``h`` is the input of their last linear layer (the features that give
+    ``(loc, scale)``, as in Kingma et al. 2016); for an encoder of your own, only ``(loc, scale)``
+    is known and ``h = [loc, log scale]``. :func:`context_dim` gives ``C``."""
+    if isinstance(encoder, Encoder):
+        h = F.softplus(encoder.body(x))  # [B, hidden[-1]]
+    elif isinstance(encoder, ConvEncoder):
+        h = encoder.body(x.reshape(-1, *encoder.event_shape)).flatten(1)  # [B, C' * H' * W']
+    else:
+        loc, scale = encoder(x)
+        return loc, scale, torch.cat([loc, scale.log()], -1)
+    loc, raw_scale = encoder.head(h).chunk(2, dim=-1)  # [B, z_dim] each, as the encoder computes them
+    return loc, F.softplus(raw_scale) + 1e-5, h
+
+
+def context_dim(encoder: nn.Module, z_dim: int) -> int:
+    """The size of :func:`encode_with_context`'s ``h``."""
+    return encoder.head.in_features if isinstance(encoder, (Encoder, ConvEncoder)) else 2 * z_dim
+
+
+class IAFGuide(AmortizedGuide):
+    r"""Amortized inverse autoregressive flow (Kingma et al. 2016): the encoder gives a base Gaussian
+    and a context :math:`h(x)`; ``flow_steps`` conditional IAF transforms of Pyro
+    (:class:`~pyro.distributions.transforms.ConditionalAffineAutoregressive`), each
+
+    .. math::
+
+        z^{(t)} = \mu_t(z^{(t-1)}, h) + \sigma_t(z^{(t-1)}, h) \odot z^{(t-1)}, \qquad
+        \log q(z^{(T)} \mid x) = \log \mathcal{N}(z^{(0)}; \mu, \sigma^2)
+        - \sum_{t=1}^T \sum_{j} \log \sigma_{t,j},
+
+    with :math:`\mu_{t,j}, \sigma_{t,j}` depending on :math:`z^{(t-1)}_{<j}` only (a MADE network,
+    so the Jacobian is triangular), and the order of the dimensions reversed between steps
+    (:class:`~pyro.distributions.transforms.Permute`). The ``z`` site is a ``TransformedDistribution``;
+    its log-density at its own samples comes from the forward pass (Pyro caches it), no inverse needed.
+    ``posterior(x)`` is the *base* Gaussian :math:`(\mu, \sigma)` (before the flow).
+    """
+
+    diagonal = False
+
+    def __init__(self, x_dim: int, hidden, z_dim: int, flow_steps: int = 2, encoder: Optional[nn.Module] = None):
+        super().__init__(x_dim, hidden, z_dim, encoder)
+        made_hidden = [10 * z_dim]  # Pyro's default width for the autoregressive network
+        meta = next(self.encoder.parameters()).is_meta  # built on the meta device (pyro_vae.program.memory)
+        with torch.device("cpu") if meta else contextlib.nullcontext():  # Pyro's MADE calls .item() at init
+            identity, reverse = torch.arange(z_dim), torch.arange(z_dim - 1, -1, -1)
+            self.flows = nn.ModuleList(
+                ConditionalAffineAutoregressive(ConditionalAutoRegressiveNN(
+                    z_dim, context_dim(self.encoder, z_dim), made_hidden, permutation=identity))
+                for _ in range(flow_steps))
+        self.flows.to(next(self.encoder.parameters()).device)
+        self.register_buffer("reverse", reverse.to(self.flows[0].nn.permutation.device), persistent=False)
+
+    def register(self) -> None:
+        pyro.module("encoder", self.encoder)
+        pyro.module("flows", self.flows)
+
+    def q(self, x, idx=None):
+        loc, scale, h = encode_with_context(self.encoder, x)  # [B, z_dim], [B, z_dim], [B, C]
+        transforms = []
+        for t, flow in enumerate(self.flows):
+            if t > 0:  # reverse the autoregressive order between steps
+                transforms.append(Permute(self.reverse))
+            transforms.append(flow.condition(h))
+        return dist.TransformedDistribution(dist.Normal(loc, scale).to_event(1), transforms)
+
+
+class FullRankGuide(AmortizedGuide):
+    r"""Amortized Gaussian with a full covariance: :math:`q(z \mid x) = \mathcal{N}(\mu(x), L(x) L(x)^\top)`,
+    :math:`L = \mathrm{diag}(\sigma(x)) + \mathrm{strictly\ lower}(W h(x) + b)`; the encoder gives
+    :math:`\mu, \sigma` as for :class:`AmortizedGuide`, an extra linear layer on its features the
+    :math:`d(d-1)/2` off-diagonal entries (zero at the start: the guide starts as the diagonal one).
+    ``posterior(x)`` is :math:`(\mu, \sqrt{\mathrm{diag}\, LL^\top})`, q's exact marginals."""
+
+    diagonal = False
+
+    def __init__(self, x_dim: int, hidden, z_dim: int, encoder: Optional[nn.Module] = None):
+        super().__init__(x_dim, hidden, z_dim, encoder)
+        self.off_diagonal = nn.Linear(context_dim(self.encoder, z_dim), z_dim * (z_dim - 1) // 2)
+        nn.init.zeros_(self.off_diagonal.weight)
+        nn.init.zeros_(self.off_diagonal.bias)
+        self.register_buffer("rows", torch.tril_indices(z_dim, z_dim, -1), persistent=False)  # [2, d(d-1)/2]
+
+    def register(self) -> None:
+        pyro.module("encoder", self.encoder)
+        pyro.module("off_diagonal", self.off_diagonal)
+
+    def scale_tril(self, x) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(loc [B, z_dim], L [B, z_dim, z_dim])``."""
+        loc, scale, h = encode_with_context(self.encoder, x)
+        off = scale.new_zeros(scale.shape + scale.shape[-1:])  # [B, z_dim, z_dim]
+        off[:, self.rows[0], self.rows[1]] = self.off_diagonal(h)  # strictly lower triangle
+        return loc, torch.diag_embed(scale) + off
+
+    def q(self, x, idx=None):
+        loc, tril = self.scale_tril(x)
+        return dist.MultivariateNormal(loc, scale_tril=tril)
+
+    def posterior(self, x, idx=None):
+        loc, tril = self.scale_tril(x)
+        return loc, tril.pow(2).sum(-1).sqrt()  # marginal standard deviations
+
+
+def _push_normal(q, eps):
+    z = q.base_dist.loc + eps * q.base_dist.scale  # what Normal.rsample computes from eps
+    return z, q.log_prob(z)
+
+
+def _push_mvn(q, eps):
+    z = q.loc + (q.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)  # what MultivariateNormal.rsample computes
+    return z, q.log_prob(z)
+
+
+def _push_flow(q, eps):
+    r"""The base draw through each transform, the log-density from the forward pass:
+    :math:`\log q(z) = \log q_0(z_0) - \sum_t \log |\det \partial z_t / \partial z_{t-1}|`."""
+    z, log_q = reparameterize(q.base_dist, eps)
+    for t in q.transforms:
+        y = t(z)
+        log_q = log_q - t.log_abs_det_jacobian(z, y)  # [..., B]: event dims summed by the transform
+        z = y
+    return z, log_q
+
+
+#: the q(z|x) families the guides give -> ``(q, eps) -> (z, log q(z))``
+_PUSH = {torch.distributions.Independent: _push_normal, torch.distributions.MultivariateNormal: _push_mvn,
+         torch.distributions.TransformedDistribution: _push_flow}
+
+
+def reparameterize(q: dist.Distribution, eps: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(z, log q(z))`` for standard-normal draws ``eps [..., B, z_dim]``: the sample ``q.rsample()``
+    makes from the same draws, and its log-density. Lets evaluation give each image its own seeded
+    draws (:mod:`pyro_vae.infer.evaluate`) for any guide: diagonal, full-rank or flow."""
+    for family, push in _PUSH.items():
+        if isinstance(q, family):
+            return push(q, eps)
+    raise TypeError(f"no reparameterization for {type(q).__name__}")
+
+
 def local_elbo(likelihood, x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     r"""One-sample ELBO of each image, ``[B]``: :math:`\log p(x \mid z) - \mathrm{KL}(q \,\|\, p)`,
     :math:`z = \mu + \sigma \epsilon` (analytic KL against the prior N(0, I))."""
@@ -194,14 +350,25 @@ def make_guide(config: VAEConfig, x_dim: int, num_data: Optional[int] = None,
 
 
 def _guide_family(config: VAEConfig, x_dim: int, num_data: Optional[int], encoder: Optional[nn.Module]) -> Guide:
-    if config.guide in ("amortized", "semi-amortized") and encoder is None and config.arch != "mlp":
+    if config.guide not in GUIDE_FAMILIES:
+        raise ValueError(f"unknown guide {config.guide!r}")
+    if config.guide != "mean-field" and encoder is None and config.arch != "mlp":
         encoder = make_encoder(config)  # (the MLP is the guides' own default, for x_dim inputs)
-    if config.guide == "amortized":
-        return AmortizedGuide(x_dim, config.hidden, config.z_dim, encoder)
-    if config.guide == "semi-amortized":
-        return SemiAmortizedGuide(x_dim, config.hidden, config.z_dim, config.refine_steps, config.refine_lr, encoder)
-    if config.guide == "mean-field":
-        if num_data is None:
-            raise ValueError("the mean-field guide needs num_data (one set of parameters per image)")
-        return MeanFieldGuide(num_data, config.z_dim)
-    raise ValueError(f"unknown guide {config.guide!r}")
+    return GUIDE_FAMILIES[config.guide](config, x_dim, num_data, encoder)
+
+
+def _mean_field(config: VAEConfig, x_dim: int, num_data: Optional[int], encoder) -> Guide:
+    if num_data is None:
+        raise ValueError("the mean-field guide needs num_data (one set of parameters per image)")
+    return MeanFieldGuide(num_data, config.z_dim)
+
+
+#: ``VAEConfig.guide`` -> ``(config, x_dim, num_data, encoder) -> Guide``
+GUIDE_FAMILIES = {
+    "amortized": lambda c, x_dim, n, e: AmortizedGuide(x_dim, c.hidden, c.z_dim, e),
+    "semi-amortized": lambda c, x_dim, n, e: SemiAmortizedGuide(x_dim, c.hidden, c.z_dim, c.refine_steps,
+                                                                c.refine_lr, e),
+    "mean-field": _mean_field,
+    "iaf": lambda c, x_dim, n, e: IAFGuide(x_dim, c.hidden, c.z_dim, c.flow_steps, e),
+    "full-rank": lambda c, x_dim, n, e: FullRankGuide(x_dim, c.hidden, c.z_dim, e),
+}

@@ -4,7 +4,7 @@ Generative story, for each image :math:`i = 1, \dots, N`:
 
 .. math::
 
-    z_i &\sim \mathcal{N}(0, I_{d}) \\
+    z_i &\sim p(z) = \mathcal{N}(0, I_{d}) \text{ (default; or a learned prior, } \texttt{pyro_vae.program.priors}) \\
     x_i \mid z_i &\sim \prod_{j=1}^{D} \mathrm{Bernoulli}\big(\sigma(f_\theta(z_i)_j)\big)
     \quad\text{or}\quad \prod_{j} \mathcal{N}\big(\mu_\theta(z_i)_j, \sigma_\theta(z_i)_j^2\big)
 
@@ -39,6 +39,7 @@ from .guides import make_guide
 from .likelihoods import LIKELIHOOD_FAMILIES
 from .networks import make_decoder
 from .plates import data_plate
+from .priors import make_prior
 
 __all__ = ["VAE", "data_plate"]
 
@@ -80,17 +81,19 @@ class VAE(nn.Module):
         self.inference = guide if guide is not None else make_guide(config, x_dim, num_data, encoder=encoder)
         if hasattr(self.inference, "attach"):  # guides that score images with p(x|z) themselves
             self.inference.attach(self.likelihood)
+        self.latent_prior = make_prior(config, x_dim)  # p(z): N(0, I) or a learned prior
 
     # ------------------------------------------------------------------ the probabilistic program
 
     def model(self, x, idx=None, num_data=None, beta=1.0):
         """p(x, z) = p(z) p(x|z), vectorised over the images in ``x [B, D]``."""
         pyro.module("decoder", self.decoder)
-        prior_loc = x.new_zeros(x.shape[0], self.config.z_dim)  # [B, z_dim]
-        prior_scale = x.new_ones(x.shape[0], self.config.z_dim)
+        if any(True for _ in self.latent_prior.parameters()):  # learned priors (mog, vamp)
+            pyro.module("prior", self.latent_prior)
+        prior = self.latent_prior(x.shape[0], self.inference, like=x)  # p(z), batch [B], event [z_dim]
         with data_plate(x, idx, num_data):
             with poutine.scale(scale=beta):
-                z = pyro.sample("z", dist.Normal(prior_loc, prior_scale).to_event(1))  # [B, z_dim]
+                z = pyro.sample("z", prior)  # [B, z_dim]
             pyro.sample("x", self.likelihood(z), obs=x)
 
     def guide(self, x, idx=None, num_data=None, beta=1.0):
@@ -118,9 +121,8 @@ class VAE(nn.Module):
         return self.likelihood(z).base_dist.mean
 
     def prior(self, batch: int) -> dist.Distribution:
-        p = next(self.parameters())
-        zeros = torch.zeros(batch, self.config.z_dim, device=p.device, dtype=p.dtype)
-        return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
+        """p(z) (``config.prior``, :mod:`~pyro_vae.program.priors`), batch shape ``[batch]``, event ``[z_dim]``."""
+        return self.latent_prior(batch, self.inference, like=next(self.parameters()))
 
 
 # ----------------------------------------------------------------------------- your own modules

@@ -63,6 +63,8 @@ def non_reparameterized(q):
     pathwise gradient, so Pyro's ELBOs use the score function for the site."""
     if isinstance(q, torch.distributions.Independent):
         q = _Independent(non_reparameterized(q.base_dist), q.reinterpreted_batch_ndims)
+    elif isinstance(q, torch.distributions.TransformedDistribution):  # a flow guide (iaf)
+        q = _Transformed(q.base_dist, q.transforms)
     return q.has_rsample_(False)
 
 
@@ -70,6 +72,30 @@ class _Independent(dist.Independent):
     """``Independent`` whose ``has_rsample`` can be set. Pyro's ``Independent`` reads it from its
     base, so ``has_rsample_(False)`` fails, and ``expand`` (a vectorised particle plate) drops the
     base's flag; Pyro then copies the flag onto the expanded copy, which works here."""
+
+    @property
+    def has_rsample(self):
+        return self.__dict__.get("_has_rsample", self.base_dist.has_rsample)
+
+    @has_rsample.setter
+    def has_rsample(self, value):
+        self.__dict__["_has_rsample"] = value
+
+
+class _Transformed(dist.TransformedDistribution):
+    r"""``TransformedDistribution`` whose ``has_rsample`` can be set (as :class:`_Independent`).
+
+    Its ``sample`` forgets the transforms' cached forward pass (made without gradients), so that
+    ``log_prob(z)`` inverts the flow *with* gradients: the score function needs
+    :math:`\nabla_\phi \log q_\phi(z)` at the fixed sample z."""
+
+    def sample(self, sample_shape=torch.Size()):
+        z = super().sample(sample_shape)
+        for t in self.transforms:
+            t._cached_x_y = None, None
+            if hasattr(t, "_cached_log_scale"):  # Pyro's affine autoregressive transforms
+                t._cached_log_scale = None
+        return z
 
     @property
     def has_rsample(self):

@@ -1,0 +1,246 @@
+"""Burda, Grosse & Salakhutdinov (2016), Table 1, one stochastic layer, with pyro-vae.
+
+    python benchmarks/burda.py --data-dir ../shared/data/mnist --out DIR [--minutes M | --epochs E]
+        [--models vae1,iwae5,iwae50,dreg50] [--eval-limit 1000] [--batch-size 20] [--lr-schedule cosine]
+
+Their architecture: 784-200-200-50 (encoder) and 50-200-200-784 (decoder), tanh, Bernoulli pixels,
+a diagonal Gaussian q(z|x); batch 20, Adam (lr 1e-3). Their schedule, 3^i epochs at
+lr 1e-3 * 10^(-i/7) for i = 0..7 (3280 epochs), is ``--epochs 3280 --lr-schedule burda`` (a GPU's
+job: the full command is in benchmarks/README.md). ``--minutes M`` trains each model for about
+M minutes of this machine: one epoch is timed, the number of epochs E is set from it, and the run
+continues (``fit(..., resume=True)``, exact) for E epochs in all, the schedule spread over E.
+
+Data: the official MNIST training file (60,000 images); the package's seeded split
+(``split_seed=0``) holds out 10,000 as the test images (``val_size=10000``); 50,000 are trained on,
+dynamically binarized. Evaluation: each run's IWAE bound with k = 5000 (their test NLL), the ELBO,
+and active units, on the first ``--eval-limit`` held-out images (one fixed binarization, seed 0).
+
+Speed: each objective's training against a hand-written PyTorch twin (the same networks, the same
+loss in plain tensor code, one ``torch.optim.Adam``), interleaved in this process, on
+``--speed-images`` images per timed epoch; the table gives s/epoch for 50,000 images and the ratio.
+Every run folder is kept in ``--out``; the tables go to ``--out/results.md`` and stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pyro_vae import VAEConfig, fit, load_run
+from pyro_vae.core.errors import TrainingInterrupted
+from pyro_vae.core.data import load_splits
+from pyro_vae.infer.evaluate import evaluate
+
+MODELS = {  # name -> (objective, K)
+    "vae1": ("elbo", 1),
+    "iwae5": ("iwae", 5),
+    "iwae50": ("iwae", 50),
+    "dreg50": ("dreg", 50),
+}
+PAPER = {"vae1": 86.76, "iwae5": 85.54, "iwae50": 84.78}  # Burda et al. Table 1, 1 stochastic layer, test NLL
+
+
+class TanhEncoder(nn.Module):
+    """784-200-200-(50 + 50), tanh: ``x [B, 784] -> (loc, scale)`` of q(z|x)."""
+
+    def __init__(self, x_dim: int = 784, hidden: int = 200, z_dim: int = 50):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(x_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh())
+        self.head = nn.Linear(hidden, 2 * z_dim)
+
+    def forward(self, x):
+        loc, raw_scale = self.head(self.body(x)).chunk(2, dim=-1)  # [B, z_dim] each
+        return loc, F.softplus(raw_scale) + 1e-5
+
+
+class TanhDecoder(nn.Module):
+    """50-200-200-784, tanh: ``z [B, 50] -> logits [B, 784]``."""
+
+    def __init__(self, z_dim: int = 50, hidden: int = 200, x_dim: int = 784):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(z_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+                                 nn.Linear(hidden, x_dim))
+
+    def forward(self, z):
+        return self.net(z)
+
+
+class HandWrittenIWAE(nn.Module):
+    """The twin: the same networks and objective (``elbo``: K = 1; ``iwae``; ``dreg``) in plain PyTorch."""
+
+    def __init__(self, objective: str, k: int, num_data: int, lr: float):
+        super().__init__()
+        self.encoder, self.decoder = TanhEncoder(), TanhDecoder()
+        self.objective, self.k, self.num_data = objective, k, num_data
+        self.optimizer = torch.optim.Adam(self.parameters(), lr=lr)
+
+    def loss(self, x):
+        loc, scale = self.encoder(x)  # [B, z] each
+        eps = torch.randn((self.k,) + loc.shape)  # [K, B, z]
+        z = loc + scale * eps
+        logits = self.decoder(z.reshape(-1, z.shape[-1])).reshape(self.k, x.shape[0], -1)  # [K, B, D]
+        log_px = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
+        log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)
+        q_loc, q_scale = (loc.detach(), scale.detach()) if self.objective == "dreg" else (loc, scale)
+        log_qz = (-0.5 * ((z - q_loc) / q_scale).pow(2) - q_scale.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_w = log_px + log_pz - log_qz  # [K, B]
+        n_over_b = self.num_data / x.shape[0]
+        bound = torch.logsumexp(log_w, 0) - math.log(self.k)  # [B]
+        if self.objective != "dreg":
+            return -bound.sum() * n_over_b
+        w = torch.softmax(log_w.detach(), 0)  # [K, B]
+        z.register_hook(lambda g: g * w.unsqueeze(-1))  # w~^2 on the path to the encoder
+        surrogate = (w * log_w).sum() * n_over_b
+        return -bound.detach().sum() * n_over_b - (surrogate - surrogate.detach())
+
+    def epoch(self, images, batch_size: int) -> float:
+        start = time.perf_counter()
+        for idx in torch.randperm(len(images)).split(batch_size):
+            loss = self.loss(torch.bernoulli(images[idx]))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        return time.perf_counter() - start
+
+
+def model_config(name: str, args, epochs: int) -> VAEConfig:
+    objective, k = MODELS[name]
+    return VAEConfig(dataset="mnist", data_dir=args.data_dir, val_size=10000, z_dim=50, hidden=(200, 200),
+                     objective=objective, num_particles=k, batch_size=args.batch_size, lr=1e-3,
+                     lr_schedule=args.lr_schedule, epochs=epochs, seed=args.seed)
+
+
+def speed(args, train) -> list:
+    """s/epoch (for 50,000 images) of each objective, ours vs the twin, interleaved."""
+    images = train.images[: args.speed_images]
+    sub = train.subset(args.speed_images)
+    rows = []
+    for name in args.models:
+        objective, k = MODELS[name]
+        ours, hand = [], []
+        for _ in range(args.speed_rounds):
+            torch.manual_seed(args.seed)
+            twin = HandWrittenIWAE(objective, k, len(images), 1e-3)
+            hand.append(twin.epoch(images, args.batch_size))
+            run = fit(model_config(name, args, 1), train_data=sub, val_data=None, progress=False,
+                      log=lambda s: None, encoder=TanhEncoder(), decoder=TanhDecoder())
+            ours.append(run.history[0]["seconds"])
+        scale = 50000 / len(images)
+        o, h = statistics.median(ours) * scale, statistics.median(hand) * scale
+        rows.append({"model": name, "ours_s_epoch": o, "hand_s_epoch": h, "ratio": o / h})
+        print(f"speed {name}: ours {o:.1f} s/epoch, hand-written {h:.1f} s/epoch, ratio {o / h:.3f}", flush=True)
+    return rows
+
+
+def train_one(name: str, args, train, log) -> dict:
+    """Train one model into ``args.out/name``: ``--epochs``, or one timed epoch then ``--minutes``
+    (E epochs planned from it). On a shared machine an epoch may slow down: at ``--hard-cap`` times
+    the budget a SIGTERM stops the run after its current step (checkpointed) and it is scored as it is."""
+    out = Path(args.out) / name
+    start = time.perf_counter()
+    planned = args.epochs
+    if not args.epochs:
+        run = fit(model_config(name, args, 1), out, train_data=train, val_data=None, progress=False,
+                  overwrite=True, log=log, encoder=TanhEncoder(), decoder=TanhDecoder())
+        planned = max(1, int(args.minutes * 60 / run.history[0]["seconds"]))
+        timer = threading.Timer(args.hard_cap * args.minutes * 60 - (time.perf_counter() - start),
+                                lambda: os.kill(os.getpid(), signal.SIGTERM))
+        timer.start()
+    try:
+        run = fit(model_config(name, args, planned), out, train_data=train, val_data=None, progress=False,
+                  resume=not args.epochs, overwrite=bool(args.epochs), log=log,
+                  encoder=TanhEncoder(), decoder=TanhDecoder())
+    except TrainingInterrupted as e:
+        log(f"stopped at the hard cap: {e}")
+        run = load_run(out, encoder=TanhEncoder(), decoder=TanhDecoder())
+    finally:
+        if not args.epochs:
+            timer.cancel()
+    seconds = time.perf_counter() - start
+    return {"run": run, "epochs": len(run.history), "planned_epochs": planned, "train_seconds": seconds,
+            "s_epoch": statistics.median(h["seconds"] for h in run.history),
+            "final_train_bound": run.history[-1]["train_elbo"]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-dir", required=True, help="folder with the MNIST training IDX file (60,000 images)")
+    p.add_argument("--out", required=True, help="folder for the run folders and results.md")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--minutes", type=float, help="training minutes per model (this machine)")
+    g.add_argument("--epochs", type=int, help="epochs per model (Burda et al.: 3280 with --lr-schedule burda)")
+    g.add_argument("--speed-only", action="store_true", help="only the speed table (ours against the twin)")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    p.add_argument("--batch-size", type=int, default=20)
+    p.add_argument("--lr-schedule", default="cosine", help="constant | cosine | burda (their schedule, spread over the epochs)")
+    p.add_argument("--eval-limit", type=int, default=1000, help="score the first N of the 10,000 held-out images")
+    p.add_argument("--eval-k", type=int, default=5000)
+    p.add_argument("--speed-images", type=int, default=5000, help="images per timed epoch (0: no speed table)")
+    p.add_argument("--speed-rounds", type=int, default=3, help="interleaved rounds (median; the first warms up)")
+    p.add_argument("--hard-cap", type=float, default=1.3, help="with --minutes: stop a model at this times its budget")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",")]
+    torch.set_num_threads(1)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    train, test = load_splits(model_config(args.models[0], args, 1))
+    print(f"# torch {torch.__version__}, 1 thread; MNIST training file, {len(train)} trained on, {len(test)} held out "
+          f"(split_seed 0); batch {args.batch_size}, schedule {args.lr_schedule}", flush=True)
+    speed_rows = speed(args, train) if args.speed_images else []
+    if args.speed_only:
+        print("| model | ours s/epoch | hand-written s/epoch | ratio |\n|---|---|---|---|")
+        print("\n".join(f"| {s['model']} | {s['ours_s_epoch']:.1f} | {s['hand_s_epoch']:.1f} | {s['ratio']:.3f} |"
+                        for s in speed_rows))
+        return 0
+    results = []
+    for name in args.models:
+        r = train_one(name, args, train, log=lambda s: print(f"  {name}: {s}", flush=True))
+        ev = evaluate(r.pop("run"), test_slice(test, args.eval_limit), iwae_k=args.eval_k, seed=0)
+        r.update(model=name, iwae=ev.iwae, iwae_se=ev.iwae_se, elbo=ev.elbo, active_units=ev.active_units,
+                 eval_n=ev.n, eval_seconds=ev.seconds)
+        results.append(r)
+        print(json.dumps(r), flush=True)
+        write_results(args, speed_rows, results)
+    return 0
+
+
+def test_slice(test, limit: int):
+    """The first ``limit`` held-out images (all if ``limit`` is 0)."""
+    return test if not limit else test.subset(min(limit, len(test)))
+
+
+def write_results(args, speed_rows, results) -> None:
+    budget = f"{args.minutes} min" if args.minutes else f"{args.epochs} epochs"
+    lines = [f"Budget {budget} of training per model (1 CPU thread), batch {args.batch_size}, Adam 1e-3, "
+             f"schedule {args.lr_schedule}. Test NLL = -IWAE bound (k = {args.eval_k}) on the first "
+             f"{results[0]['eval_n']} of the 10,000 images held out of the 60,000 MNIST training images "
+             "(seeded split), one fixed binarization.", "",
+             f"| model | K | epochs (planned) | train min | -IWAE k={args.eval_k} (nats) | SE | -ELBO | active units | paper |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        objective, k = MODELS[r["model"]]
+        lines.append(f"| {objective} | {k} | {r['epochs']} ({r['planned_epochs']}) | {r['train_seconds'] / 60:.1f} | {-r['iwae']:.2f} | "
+                     f"{r['iwae_se']:.2f} | {-r['elbo']:.2f} | {r['active_units']} | {PAPER.get(r['model'], '')} |")
+    if speed_rows and results:
+        lines += ["", "| model | ours s/epoch | hand-written s/epoch | ratio |", "|---|---|---|---|"]
+        lines += [f"| {s['model']} | {s['ours_s_epoch']:.1f} | {s['hand_s_epoch']:.1f} | {s['ratio']:.3f} |"
+                  for s in speed_rows]
+    text = "\n".join(lines) + "\n"
+    (Path(args.out) / "results.md").write_text(text)
+    print(text, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
