@@ -29,6 +29,8 @@ from .infer.run import Run, load_run
 from .infer.svi import Trainer, fit
 from .infer.tensorboard import TensorBoardWriter
 from .program.guides import AmortizedGuide, Guide, make_guide
+from .infer.evaluate_m2 import M2EvalResult, evaluate_m2
+from .program.m2 import M2
 from .program.model import VAE
 from .program.plates import data_plate
 from .program.sites import set_estimator
@@ -36,6 +38,9 @@ from .program.sites import set_estimator
 __version__ = "0.1.0"
 
 __all__ = [
+    "M2",
+    "evaluate_m2",
+    "M2EvalResult",
     "VAEConfig",
     "ImageData",
     "load_dataset",

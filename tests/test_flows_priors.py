@@ -257,3 +257,25 @@ def test_torchrun_two_processes_equal_one_with_twice_the_batch(tmp_path):
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5, rtol=1e-4) for k in a), "parameters differ"
     h1, h2 = (json.loads((tmp_path / n / "history.json").read_text()) for n in ("one", "two"))
     assert h2[0]["train_elbo"] == pytest.approx(h1[0]["train_elbo"], rel=1e-5)
+
+
+def test_a_per_image_copy_of_the_iaf_guide_is_its_q(binary_batch):
+    """q*_flow of an iaf guide starts at the guide's own q: the per-image networks with the context
+    folded into the biases give the same samples and log-densities."""
+    from pyro_vae.infer.local import encoder_gaussian
+    from pyro_vae.program.local_flows import LocalFlowGuide
+
+    vae = _vae("iaf", z_dim=3)
+    _scramble(vae.inference.flows)
+    x = binary_batch[:6]
+    copy = LocalFlowGuide.from_guide(vae.inference, x)
+    eps = torch.randn(5, 6, 3, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        z, log_q = reparameterize(vae.inference.q(x), eps)
+        z2, log_q2 = reparameterize(copy.q(x), eps)
+        z3, _ = reparameterize(copy.q(x, torch.tensor([1, 4])), eps[:, [1, 4]])
+    assert torch.allclose(z, z2, atol=1e-4) and torch.allclose(log_q, log_q2, atol=1e-3)
+    assert torch.allclose(z3, z[:, [1, 4]], atol=1e-4)
+    loc, scale = encoder_gaussian(vae, x, samples=4000)  # a Gaussian with q's moments, not the base's
+    draws = vae.inference.q(x).sample((4000,))
+    assert torch.allclose(loc, draws.mean(0), atol=0.1) and torch.allclose(scale, draws.std(0), rtol=0.1)

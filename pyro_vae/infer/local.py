@@ -29,7 +29,7 @@ from ..core.progress import tqdm
 from ..program.guides import MeanFieldGuide
 from ..program.local_flows import LocalFlowGuide
 
-__all__ = ["LocalFit", "LocalFlowFit", "fit_local", "fit_local_flow", "frozen"]
+__all__ = ["LocalFit", "LocalFlowFit", "fit_local", "fit_local_flow", "encoder_gaussian", "frozen"]
 
 INITS = ("zero", "encoder")
 
@@ -56,6 +56,20 @@ class LocalFlowFit:
         """For :func:`~pyro_vae.infer.evaluate.evaluate`'s ``posterior``: q*_flow of rows ``idx``."""
         with torch.no_grad():
             return self.guide.q(x, idx)
+
+
+@torch.no_grad()
+def encoder_gaussian(vae, x: torch.Tensor, seed: Optional[int] = 0, samples: int = 1000):
+    """``(loc, scale)``, each ``[B, z_dim]``: the guide's diagonal Gaussian for ``x``, or for a guide
+    whose q is none (``iaf``, ``full-rank``) the Gaussian with q's means and standard deviations,
+    estimated from ``samples`` draws of q (a flow's base Gaussian can lie far from q itself)."""
+    guide = vae.inference
+    if getattr(guide, "diagonal", True):
+        return guide.posterior(x)
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(0 if seed is None else seed)
+        z = guide.q(x).sample((samples,))  # [S, B, z_dim]
+    return z.mean(0), z.std(0).clamp_min(1e-4)
 
 
 @contextlib.contextmanager
@@ -85,8 +99,8 @@ def fit_local(
     """Optimise a Gaussian q(z_i) for each image of ``x [B, 784]`` (binarized as it is to be
     scored), the decoder frozen.
 
-    :param init: ``"zero"`` (start at the prior N(0, I)) or ``"encoder"`` (start at the guide's
-        amortized output; falls back to ``"zero"`` for guides without an encoder).
+    :param init: ``"zero"`` (start at N(0, I)) or ``"encoder"`` (start at the guide's amortized
+        output, :func:`encoder_gaussian`; falls back to ``"zero"`` for guides without an encoder).
     :param steps: Adam steps on the summed ELBO of the batch (each image's gradient is its own),
         with the learning rate decayed linearly from ``lr`` to 0.
     """
@@ -96,8 +110,7 @@ def fit_local(
     x = x.to(next(vae.parameters()).device)
     guide = MeanFieldGuide(x.shape[0], vae.config.z_dim, sparse=False).to(x.device)
     if init == "encoder" and vae.inference.amortized:
-        with torch.no_grad():
-            guide.set(*vae.inference.posterior(x))
+        guide.set(*encoder_gaussian(vae, x, seed))
     elbo = TraceMeanField_ELBO()
     optimizer = torch.optim.Adam(guide.parameters(), lr=lr)
     # the gradients are one-sample estimates: decay the step size linearly to 0 so the fit
@@ -135,13 +148,16 @@ def fit_local_flow(
     seed: Optional[int] = 0,
     record_every: int = 10,
     progress: bool = False,
+    start: Optional[LocalFlowGuide] = None,
 ) -> LocalFlowFit:
     r"""Optimise a flow :math:`q_i` per image of ``x [B, D]`` (:class:`~pyro_vae.program.local_flows.LocalFlowGuide`:
     own base Gaussian, own ``flow_steps`` IAF networks), the decoder frozen: :math:`q^\star_{\text{flow}}`.
 
     Starts at the Gaussians ``loc``, ``scale`` (``[B, z_dim]``, e.g. :func:`fit_local`'s
-    :math:`q^\star_{\text{FFG}}`) with identity flows, then ``steps`` Adam steps on the summed
-    ELBO (``Trace_ELBO``: no closed-form KL for a flow), learning rate decayed linearly to 0."""
+    :math:`q^\star_{\text{FFG}}`) with identity flows, or at ``start`` (e.g.
+    ``LocalFlowGuide.from_guide(iaf_guide, x)``: the iaf guide's own q, copied per image), then
+    ``steps`` Adam steps on the summed ELBO (``Trace_ELBO``: no closed-form KL for a flow),
+    learning rate decayed linearly to 0."""
     vae = getattr(run_or_vae, "vae", run_or_vae)
     device = next(vae.parameters()).device
     x = x.to(device)
@@ -149,7 +165,8 @@ def fit_local_flow(
     with rng:
         if seed is not None:
             torch.manual_seed(seed)
-        guide = LocalFlowGuide(loc.to(device), scale.to(device), flow_steps).to(device)
+        guide = start.to(device) if start is not None else LocalFlowGuide(loc.to(device), scale.to(device),
+                                                                            flow_steps).to(device)
         result = LocalFlowFit(guide=guide)
         _optimise(vae, guide, x, Trace_ELBO(), steps, lr, record_every, progress, result)
     return result

@@ -23,7 +23,7 @@ from pyro.nn.auto_reg_nn import create_mask
 from torch import nn
 from torch.nn import functional as F
 
-from .guides import Guide, _softplus_inverse
+from .guides import Guide, _softplus_inverse, encode_with_context
 
 __all__ = ["PerImageMADE", "LocalFlowGuide"]
 
@@ -39,17 +39,37 @@ class PerImageMADE(nn.Module):
     so output :math:`j` depends on :math:`x_{<j}` only. The output layer starts at zero: each flow
     step starts as the identity. Called by Pyro's ``AffineAutoregressive`` as its ``autoregressive_nn``."""
 
-    def __init__(self, num_images: int, z_dim: int, hidden: Optional[int] = None):
+    def __init__(self, num_images: int, z_dim: int, hidden: Optional[int] = None, masks=None):
         super().__init__()
-        hidden = hidden or 3 * z_dim + 1  # Pyro's default width for AutoRegressiveNN
+        hidden = hidden or 10 * z_dim  # the iaf guide's width (Pyro's default for a conditional MADE)
         self.permutation = torch.arange(z_dim)  # the identity order (AffineAutoregressive's inverse reads it)
-        masks, _ = create_mask(z_dim, 0, [hidden], self.permutation, 2)  # [H, d], [2d, H]
+        if masks is None:
+            masks, _ = create_mask(z_dim, 0, [hidden], self.permutation, 2)  # [H, d], [2d, H]
         self.register_buffer("mask_in", masks[0])
         self.register_buffer("mask_out", masks[1])
         self.w_in = nn.Parameter(torch.randn(num_images, hidden, z_dim) / z_dim ** 0.5)  # [B, H, d]
         self.b_in = nn.Parameter(torch.zeros(num_images, hidden))  # [B, H]
         self.w_out = nn.Parameter(torch.zeros(num_images, 2 * z_dim, hidden))  # [B, 2d, H]
         self.b_out = nn.Parameter(torch.zeros(num_images, 2 * z_dim))  # [B, 2d]
+
+    @classmethod
+    @torch.no_grad()
+    def from_conditional(cls, arn, context: torch.Tensor) -> "PerImageMADE":
+        r"""The per-image networks that Pyro's one-hidden-layer ``ConditionalAutoRegressiveNN`` ``arn``
+        is for the contexts ``h_i`` (``context [B, C]``): its first layer reads ``[h, x]``, so
+        :math:`W^1 [h_i, x] + c^1 = W^1_x x + (W^1_h h_i + c^1)`: the same weights for every image,
+        the context folded into each image's bias."""
+        first, last = arn.layers[0], arn.layers[-1]
+        if len(arn.layers) != 2 or arn.skip_layer is not None:
+            raise ValueError("a per-image copy needs a one-hidden-layer MADE without skip connections")
+        c = context.shape[-1]
+        w_first = first.weight * first.mask  # [H, C + d]
+        made = cls(len(context), arn.input_dim, first.out_features, masks=(first.mask[:, c:], last.mask))
+        made.w_in.copy_(w_first[:, c:].expand_as(made.w_in))
+        made.b_in.copy_(context @ w_first[:, :c].T + first.bias)  # [B, H]
+        made.w_out.copy_((last.weight * last.mask).expand_as(made.w_out))
+        made.b_out.copy_(last.bias.expand_as(made.b_out))
+        return made
 
     def get_permutation(self) -> torch.Tensor:
         return self.permutation
@@ -76,9 +96,20 @@ class LocalFlowGuide(Guide):
         num_images, z_dim = loc.shape
         self.z_dim = z_dim
         self.loc = nn.Parameter(loc.detach().clone())  # [B, z_dim]
-        self.raw_scale = nn.Parameter(_softplus_inverse(scale.detach().clamp_min(1e-4)))  # [B, z_dim]
+        # [B, z_dim], so that softplus(raw_scale) + 1e-5 == scale
+        self.raw_scale = nn.Parameter(_softplus_inverse((scale.detach() - 1e-5).clamp_min(1e-6)))
         self.nets = nn.ModuleList(PerImageMADE(num_images, z_dim, hidden) for _ in range(flow_steps))
         self.register_buffer("reverse", torch.arange(z_dim - 1, -1, -1), persistent=False)
+
+    @classmethod
+    @torch.no_grad()
+    def from_guide(cls, guide, x: torch.Tensor) -> "LocalFlowGuide":
+        """A copy, per image of ``x``, of an :class:`~pyro_vae.program.guides.IAFGuide`'s q(z|x):
+        its base Gaussian and its flows (the context folded in); fitting then starts at the guide's own q."""
+        loc, scale, h = encode_with_context(guide.encoder, x)
+        local = cls(loc, scale, flow_steps=len(guide.flows))
+        local.nets = nn.ModuleList(PerImageMADE.from_conditional(flow.nn, h) for flow in guide.flows)
+        return local
 
     def register(self) -> None:
         pyro.module("local_flow", self)
