@@ -25,6 +25,7 @@ from .experiments.variance_lab import GradientMoments, gradient_moments, gradien
 from .infer.callbacks import Callback
 from .infer.evaluate import EvalResult, elbo_terms, evaluate, iwae_bound, load_eval_data, log_importance_weights
 from .infer.objectives import elbo_per_image, make_elbo
+from .infer.iwae import DReG_ELBO, IWAE_ELBO
 from .infer.run import Run, load_run
 from .infer.svi import Trainer, fit
 from .infer.tensorboard import TensorBoardWriter
@@ -72,6 +73,8 @@ __all__ = [
     "load_run",
     "fit",
     "make_elbo",
+    "IWAE_ELBO",
+    "DReG_ELBO",
     "elbo_per_image",
     "Trainer",
     "Callback",
