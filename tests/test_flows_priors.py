@@ -136,11 +136,9 @@ def test_fused_path_equals_pyro(guide, prior, binary_batch):
         assert torch.allclose(u, v, rtol=1e-4, atol=1e-5 * u.abs().max().item() + 1e-5)
 
 
-@pytest.mark.parametrize("guide", GUIDES)
-@pytest.mark.parametrize("prior", PRIORS)
+# every pair but mean-field x vamp: the VampPrior needs an encoder (a one-line error, tested below)
+@pytest.mark.parametrize("guide,prior", [(g, p) for g in GUIDES for p in PRIORS if (g, p) != ("mean-field", "vamp")])
 def test_every_guide_and_prior_trains_and_evaluates(guide, prior, tmp_path):
-    if guide == "mean-field" and prior == "vamp":
-        pytest.skip("vamp needs an encoder (a one-line error, tested below)")
     config = VAEConfig(guide=guide, prior=prior, z_dim=2, hidden=(16,), epochs=2, batch_size=50, limit=100,
                        val_size=20, prior_components=3, refine_steps=0)
     run = fit(config, tmp_path / "r", progress=False, log=lambda s: None)

@@ -76,7 +76,7 @@ def test_event_files_hold_every_scalar_image_and_hyperparameter(tmp_path, tiny_c
     assert hparams["hidden"].string_value == "32" and "data_dir" not in hparams  # unset: left out
 
 
-@pytest.mark.parametrize("guide", ["amortized", "semi-amortized", "mean-field"])
+@pytest.mark.parametrize("guide", ["amortized", "semi-amortized", "mean-field", "iaf", "full-rank"])
 def test_the_writer_changes_no_step_of_training(tmp_path, tiny_config, guide):
     """The writer's own draws (probe ELBO, refinement, samples) come from forked streams."""
     config = tiny_config.replace(epochs=2, guide=guide, refine_steps=2)
@@ -89,6 +89,29 @@ def test_the_writer_changes_no_step_of_training(tmp_path, tiny_config, guide):
     events = read_events(tmp_path / "logged")
     assert [e.step for e in events.Images("images/samples")] == [1, 2]
     assert ("elbo/validation" in events.Tags()["scalars"]) == (guide != "mean-field")  # needs an encoder
+
+
+def test_probe_terms_of_a_non_diagonal_guide_are_its_own_q():
+    """A full-rank guide at initialisation (zero off-diagonal) is the diagonal Gaussian of its
+    encoder: the Monte-Carlo terms from its q agree with the exact KL of the diagonal path."""
+    from pyro_vae.infer.evaluate import elbo_terms
+    from pyro_vae.infer.tensorboard import _q_terms
+    from pyro_vae.program.model import VAE
+
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(guide="full-rank", z_dim=3, hidden=(16,), event_shape=(1, 4, 4)))
+    x = torch.bernoulli(torch.full((8, 16), 0.3))
+    with torch.no_grad():
+        loc, terms = _q_terms(vae, x, vae.inference.q(x), samples=20000)
+        exact = elbo_terms(vae, x, *_diagonal(vae, x), 20000, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(loc, _diagonal(vae, x)[0], atol=1e-5)
+    assert terms["kl"] == pytest.approx(exact["kl"].mean().item(), abs=0.02)
+    assert terms["reconstruction"] == pytest.approx(exact["reconstruction"].mean().item(), abs=0.05)
+
+
+def _diagonal(vae, x):
+    q = vae.inference.q(x)  # MultivariateNormal with a diagonal scale_tril at initialisation
+    return q.loc, q.scale_tril.diagonal(dim1=-2, dim2=-1)
 
 
 def test_resumed_run_continues_the_epochs(tmp_path, tiny_config):

@@ -96,8 +96,9 @@ def gap_report(run: Run, x: torch.Tensor, *, iwae_k: int, local_steps: int, star
     ``flow_steps``: also fit :math:`q^\star_{\text{flow}}` (a flow of ``flow_steps`` IAF steps per
     image, :func:`~pyro_vae.infer.local.fit_local_flow`, ``star_steps`` steps, started at
     :math:`q^\star_{\text{FFG}}`, or for an ``iaf`` guide at its own q copied per image, so that
-    :math:`\mathcal{L}[q^\star_{\text{flow}}] \ge \mathcal{L}[q]` up to the fit's noise); then log p(x) is the IWAE bound with ``iwae_k`` samples from it, and the
-    gaps of a non-diagonal guide (``iaf``, ``full-rank``) are measured with it (Cremer et al.'s flow column)."""
+    :math:`\mathcal{L}[q^\star_{\text{flow}}] \ge \mathcal{L}[q]` up to the fit's noise); then
+    log p(x) is the IWAE bound with ``iwae_k`` samples from it, and the gaps of a non-diagonal
+    guide (``iaf``, ``full-rank``) are measured with it (Cremer et al.'s flow column)."""
     vae = run.vae
     amortized = vae.inference.amortized
     if amortized:  # the guide's own q: its encoder (semi-amortized: refined) output

@@ -38,10 +38,10 @@ from torch.nn import functional as F
 
 from ..core.config import VAEConfig
 from ..program.guides import reparameterize
+from .iwae import dreg_loss, iwae_bound
 
 #: guides whose q is no diagonal Gaussian: fused through ``guide.q(x)`` (one-sample ELBO only)
 NON_DIAGONAL = ("iaf", "full-rank")
-from .iwae import dreg_loss, iwae_bound
 
 __all__ = ["fused_available", "fused_elbo_loss", "fused_iwae_loss"]
 

@@ -112,26 +112,12 @@ def fit_local(
     if init == "encoder" and vae.inference.amortized:
         guide.set(*encoder_gaussian(vae, x, seed))
     elbo = TraceMeanField_ELBO()
-    optimizer = torch.optim.Adam(guide.parameters(), lr=lr)
-    # the gradients are one-sample estimates: decay the step size linearly to 0 so the fit
-    # settles at the optimum instead of wandering around it at the noise floor
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0 - t / max(steps, 1))
     result = LocalFit(loc=torch.empty(0), scale=torch.empty(0))
     rng = torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [])
-    with rng, frozen(vae), torch.enable_grad():
+    with rng:
         if seed is not None:
             torch.manual_seed(seed)
-        for step in tqdm(range(steps + 1), desc="local fit", leave=False, disable=not progress):
-            loss = elbo.differentiable_loss(vae.model, guide, x)  # -sum_i ELBO_i
-            if step % record_every == 0 or step == steps:
-                result.steps.append(step)
-                result.elbo.append(-loss.item() / x.shape[0])
-            if step == steps:
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+        _optimise(vae, guide, x, elbo, steps, lr, record_every, progress, result, desc="local fit")
     with torch.no_grad():
         result.loc, result.scale = (t.detach() for t in guide.posterior(x))
     return result
@@ -172,13 +158,16 @@ def fit_local_flow(
     return result
 
 
-def _optimise(vae, guide, x, elbo, steps: int, lr: float, record_every: int, progress: bool, result) -> None:
+def _optimise(vae, guide, x, elbo, steps: int, lr: float, record_every: int, progress: bool, result,
+              desc: str = "local flow fit") -> None:
     """Adam on ``guide``'s parameters only (decoder frozen), learning rate decayed linearly to 0;
     records the ELBO per image into ``result.steps``/``result.elbo``."""
     optimizer = torch.optim.Adam(guide.parameters(), lr=lr)
+    # the gradients are one-sample estimates: decay the step size linearly to 0 so the fit
+    # settles at the optimum instead of wandering around it at the noise floor
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0 - t / max(steps, 1))
     with frozen(vae), torch.enable_grad():
-        for step in tqdm(range(steps + 1), desc="local flow fit", leave=False, disable=not progress):
+        for step in tqdm(range(steps + 1), desc=desc, leave=False, disable=not progress):
             loss = elbo.differentiable_loss(vae.model, guide, x)  # -sum_i ELBO_i
             if step % record_every == 0 or step == steps:
                 result.steps.append(step)

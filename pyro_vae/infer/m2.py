@@ -21,12 +21,11 @@ not apply (``config.fused`` is ignored for M2).
 
 from __future__ import annotations
 
-import torch
 from pyro.infer import TraceEnum_ELBO
 
 from ..core.config import VAEConfig
 
-__all__ = ["m2_elbo", "m2_loss", "m2_elbo_per_image"]
+__all__ = ["m2_elbo", "m2_loss"]
 
 
 def m2_elbo() -> TraceEnum_ELBO:
@@ -48,17 +47,3 @@ def m2_loss(m2, config: VAEConfig):
 
     loss.fused = False
     return loss
-
-
-@torch.no_grad()
-def m2_elbo_per_image(m2, x: torch.Tensor, batch_size: int = 1000, seed: int = 0) -> float:
-    """The ELBO :math:`\\mathcal{U}(x)` with ``y`` summed out, in nats per image, one ``z`` per
-    image and label; from its own seeded random stream (the training stream is left alone)."""
-    elbo = m2_elbo()
-    devices = [x.device] if x.device.type == "cuda" else []
-    total = 0.0
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for chunk in x.split(batch_size):
-            total += elbo.loss(m2.model, m2.guide, chunk)
-    return -total / x.shape[0]

@@ -12,7 +12,7 @@ from ..program.model import VAE
 from .estimators import baseline_elbo
 from .fused import fused_available, fused_elbo_loss, fused_iwae_loss
 from .iwae import DReG_ELBO, IWAE_ELBO
-from .m2 import m2_elbo_per_image, m2_loss
+from .m2 import m2_elbo, m2_loss
 
 __all__ = ["make_elbo", "make_loss", "check_fused", "make_optimizer", "Optimizers", "elbo_per_image"]
 
@@ -41,7 +41,8 @@ OBJECTIVES = {  # config.objective -> the Pyro ELBO for a config
 
 #: ``config.model`` -> its loss and validation ELBO, for the programs other than the VAE
 OTHER_LOSSES = {"m2": m2_loss}
-OTHER_ELBO_PER_IMAGE = {"m2": m2_elbo_per_image}
+#: the estimator that scores a model's ELBO per image: the analytic KL for the VAE, y summed out for M2
+SCORING_ELBOS = {"vae": TraceMeanField_ELBO, "m2": m2_elbo}
 
 
 class Optimizers:
@@ -113,11 +114,9 @@ def elbo_per_image(vae: VAE, x: torch.Tensor, batch_size: int = 1000, seed: int 
     """The ELBO in nats per image, with the analytic KL (``TraceMeanField_ELBO``), one z per image.
 
     Uses its own seeded random stream so calling it does not change the training stream.
-    ``vae.config.model="m2"``: :func:`~pyro_vae.infer.m2.m2_elbo_per_image` (y summed out).
+    ``vae.config.model="m2"``: ``TraceEnum_ELBO``, the ELBO with y summed out (:data:`SCORING_ELBOS`).
     """
-    if vae.config.model != "vae":
-        return OTHER_ELBO_PER_IMAGE[vae.config.model](vae, x, batch_size, seed)
-    elbo = TraceMeanField_ELBO()
+    elbo = SCORING_ELBOS[vae.config.model]()
     devices = [x.device] if x.device.type == "cuda" else []
     total = 0.0
     with torch.random.fork_rng(devices=devices):

@@ -42,6 +42,7 @@ from torchvision.utils import make_grid
 
 from ..core.data import eval_binarized
 from ..core.errors import ConfigError
+from ..program.guides import reparameterize
 from .callbacks import Callback
 from .evaluate import elbo_terms
 
@@ -166,6 +167,8 @@ class TensorBoardWriter(Callback):
         devices = [x.device] if x.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(0)  # semi-amortized guides draw z while refining
+            if not getattr(vae.inference, "diagonal", True):  # full-rank, flow: only q(x) describes it
+                return _q_terms(vae, x, vae.inference.q(x, self.probe_rows), self.elbo_samples)
             loc, scale = vae.inference.posterior(x, self.probe_rows)
             generator = torch.Generator(device=x.device).manual_seed(0)
             terms = elbo_terms(vae, x, loc.detach(), scale.detach(), self.elbo_samples, generator=generator)
@@ -183,6 +186,18 @@ class TensorBoardWriter(Callback):
         rows = [t for i in range(0, n, per_row) for t in (self.probe[i:i + per_row], recon[i:i + per_row])]
         self.writer.add_image("images/reconstructions", _grid(torch.cat(rows), shape, per_row), epoch)
         self.writer.add_image("images/samples", _grid(trainer.run.sample(64, seed=0), shape, 8), epoch)
+
+
+def _q_terms(vae, x: torch.Tensor, q, samples: int) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """What ``_probe_terms`` reports for a guide that is no diagonal Gaussian: the point the zero
+    draw maps to (the images' "mean" code) and Monte-Carlo means of log p(x|z) and of
+    log q(z) - log p(z) over ``samples`` draws per image."""
+    z, log_q = reparameterize(q, torch.randn((samples,) + q.batch_shape + q.event_shape, device=x.device))
+    reconstruction = vae.likelihood(z).log_prob(x).mean()  # [S, B] -> mean
+    kl = (log_q - vae.prior(x.shape[0]).log_prob(z)).mean()
+    loc = reparameterize(q, x.new_zeros(q.batch_shape + q.event_shape))[0]  # [B, z_dim]
+    terms = {"reconstruction": reconstruction.item(), "kl": kl.item()}
+    return loc, dict(terms, elbo=terms["reconstruction"] - terms["kl"])
 
 
 def _probe_images(trainer, n: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
