@@ -577,7 +577,7 @@ def test_a_failed_allocation_is_one_line(tmp_path, capsys, monkeypatch, error, s
     argv = ["train", *SMALL, "--out", str(tmp_path / "r")]
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
-    assert err == (f"pyro-vae: error: out of memory: {shown} for pyro-vae train with --z-dim 20, --hidden 64, "
+    assert err == (f"pyro-vae: error: out of memory: {shown} for pyro-vae train with --z-dim 50, --hidden 64, "
                    "--batch-size 50, --num-particles 1; lower these sizes"), err
     with pytest.raises(type(error)):
         main(["--debug", *argv[:-1], str(tmp_path / "r2")])

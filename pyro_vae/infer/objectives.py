@@ -103,7 +103,7 @@ def make_optimizer(vae: VAE, config: VAEConfig):
     ``SparseAdam`` for those, so a minibatch step moves only the rows of its images."""
     sparse = [p for m in vae.modules() if isinstance(m, torch.nn.Embedding) and m.sparse for p in m.parameters()]
     dense = [p for p in vae.parameters() if all(p is not q for q in sparse)]
-    adam = torch.optim.Adam(dense, lr=config.lr)
+    adam = torch.optim.Adam(dense, lr=config.lr, betas=(config.adam_beta1, 0.999))
     if not sparse:
         return adam
     return Optimizers(adam, torch.optim.SparseAdam(sparse, lr=config.local_lr))
