@@ -48,7 +48,7 @@ def _config(args, arch: str):
     from pyro_vae import VAEConfig
 
     return VAEConfig(data_dir=args.data_dir, arch=arch, z_dim=20, hidden=(400,), batch_size=args.batch_size,
-                     epochs=args.epochs, lr=1e-3, seed=0, device="cpu", limit=args.limit)
+                     epochs=args.epochs, lr=1e-3, kl_warmup=0, seed=0, device="cpu", limit=args.limit)
 
 
 def ours(args, arch: str) -> dict:

@@ -40,7 +40,7 @@ VARIANTS = [("amortized", "normal"), ("iaf", "normal"), ("full-rank", "normal"),
 
 def base_config(args, **changes) -> VAEConfig:
     return VAEConfig(data_dir=args.data_dir, z_dim=args.z_dim, hidden=(args.hidden,), batch_size=args.batch_size,
-                     epochs=args.epochs, seed=args.seed, prior_components=args.components, limit=args.limit,
+                     epochs=args.epochs, kl_warmup=0, seed=args.seed, prior_components=args.components, limit=args.limit,
                      **changes)
 
 

@@ -68,6 +68,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=100, help="shuffled training images per step")
     p.add_argument("--labelled-batch", type=int, default=100, help="labelled images added to every step")
     p.add_argument("--binarize", default="dynamic", help="dynamic | none (grey values as Bernoulli targets, as Pyro's example)")
+    p.add_argument("--kl-warmup", type=int, default=0, help="epochs of KL warm-up on z (default 0)")
     p.add_argument("--baseline-steps", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="/tmp/m2-bench")
@@ -79,7 +80,7 @@ def main() -> None:
         config = VAEConfig(model="m2", data_dir=args.data_dir, val_size=args.val_size, num_labels=n, alpha=args.alpha,
                            z_dim=50, hidden=(500,), batch_size=args.batch_size, labelled_batch=args.labelled_batch,
                            lr=args.lr, adam_beta1=args.adam_beta1, lr_schedule=args.lr_schedule, binarize=args.binarize,
-                           epochs=epochs, seed=args.seed)
+                           epochs=epochs, kl_warmup=args.kl_warmup, seed=args.seed)
         train, test = load_splits(config)
         x_test = eval_binarized(test)
         curve = AccuracyCurve(x_test, test.labels)

@@ -55,7 +55,7 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     data = load_images(args)
     config = VAEConfig(z_dim=50, hidden=(400,), batch_size=args.batch_size, epochs=args.epochs, lr=1e-3,
-                       seed=args.seed, val_size=0)
+                       kl_warmup=0, seed=args.seed, val_size=0)  # the plain ELBO, as the references
     impl = args.worker
     if impl.startswith("ours"):
         elbo = "meanfield" if impl == "ours-meanfield" else "trace"

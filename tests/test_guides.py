@@ -152,3 +152,23 @@ def test_evaluate_fits_new_images_for_the_mean_field_guide(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "mf"), "--iwae-k", "8", "--elbo-samples", "4", "--limit", "20", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == 20 and result["iwae"] >= result["elbo"] - 3 * result["elbo_se"]
+
+
+def test_adam_beta1_reaches_the_optimizer(data):
+    """``adam_beta1`` sets Adam's first-moment decay: three steps equal torch's Adam with those betas
+    (and differ from the default 0.9, which the first step alone cannot show)."""
+    params = {}
+    for beta1, reference in [(0.95, False), (0.95, True), (0.9, False)]:
+        torch.manual_seed(0)
+        config = VAEConfig(z_dim=Z, hidden=(16,), adam_beta1=beta1)
+        vae = VAE(config)
+        optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr, betas=(beta1, 0.999)) if reference \
+            else make_optimizer(vae, config)
+        for step in range(3):
+            loss = Trace_ELBO().differentiable_loss(vae.model, vae.guide, data[:20], None, 20)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        params[beta1, reference] = torch.cat([p.detach().flatten() for p in vae.parameters()])
+    assert torch.equal(params[0.95, False], params[0.95, True])
+    assert not torch.allclose(params[0.95, False], params[0.9, False])

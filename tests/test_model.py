@@ -120,4 +120,5 @@ def test_kl_warmup_scales_latent_site_only(binary_batch):
 def test_config_warmup_schedule():
     c = VAEConfig(kl_warmup=4)
     assert [c.beta_at(e) for e in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    assert VAEConfig().beta_at(0) == 1.0
+    assert VAEConfig(kl_warmup=0).beta_at(0) == 1.0
+    assert [VAEConfig().beta_at(e) for e in (0, 9, 19, 20)] == [0.05, 0.5, 1.0, 1.0]  # the default: 20 epochs

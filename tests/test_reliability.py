@@ -162,6 +162,7 @@ CASES = [
     Case("--z-dim 0", lambda t, r: _train("--z-dim", "0"), "z_dim must be a positive integer", 2),
     Case("--lr -1", lambda t, r: _train("--lr", "-1"), "lr must be positive and finite", 2),
     Case("--lr nan", lambda t, r: _train("--lr", "nan"), "lr must be positive and finite", 2),
+    Case("--adam-beta1 1", lambda t, r: _train("--adam-beta1", "1"), "adam_beta1 must be in [0, 1); got 1.0", 2),
     Case("--limit 0", lambda t, r: _train("--limit", "0"), "limit must be a positive integer", 2),
     Case("--hidden 0", lambda t, r: _train("--hidden", "0"), "argument --hidden: expected positive widths", 2),
     Case("--val-size >= data", lambda t, r: _train("--val-size", "5000"), "val_size=5000 leaves no training images", 2),
