@@ -72,7 +72,7 @@ class TanhDecoder(nn.Module):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(z_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
                                  nn.Linear(hidden, x_dim))
-        if mean_image is not None:  # start at the marginal: logits = logit(mean pixel), as Burda et al. do
+        if mean_image is not None:  # start at the marginal: logits = logit(mean training pixel)
             with torch.no_grad():
                 self.net[-1].bias.copy_(torch.logit(mean_image.reshape(-1).clamp(1e-3, 1 - 1e-3)))
 
@@ -125,9 +125,13 @@ def model_config(name: str, args, epochs: int) -> VAEConfig:
                      lr_schedule=args.lr_schedule, kl_warmup=args.kl_warmup, epochs=epochs, seed=args.seed)
 
 
+def mean_image(args, train):
+    """``--bias-init mean``: the training images' mean pixel values (the decoder starts there); else ``None``."""
+    return train.images.mean(0) if args.bias_init == "mean" else None
+
+
 def decoder(args, train) -> TanhDecoder:
-    """Burda's decoder; ``--bias-init mean`` starts its logits at the training images' mean pixel."""
-    return TanhDecoder(mean_image=train.images.mean(0) if args.bias_init == "mean" else None)
+    return TanhDecoder(mean_image=mean_image(args, train))
 
 
 def speed(args, train) -> list:
@@ -140,8 +144,7 @@ def speed(args, train) -> list:
         ours, hand = [], []
         for _ in range(args.speed_rounds):
             torch.manual_seed(args.seed)
-            twin = HandWrittenIWAE(objective, k, len(images), args.lr,
-                                   mean_image=train.images.mean(0) if args.bias_init == "mean" else None)
+            twin = HandWrittenIWAE(objective, k, len(images), args.lr, mean_image=mean_image(args, train))
             hand.append(twin.epoch(images, args.batch_size))
             run = fit(model_config(name, args, 1), train_data=sub, val_data=None, progress=False,
                       log=lambda s: None, encoder=TanhEncoder(), decoder=decoder(args, train))
