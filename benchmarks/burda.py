@@ -2,6 +2,7 @@
 
     python benchmarks/burda.py --data-dir ../shared/data/mnist --out DIR [--minutes M | --epochs E]
         [--models vae1,iwae5,iwae50,dreg50] [--eval-limit 1000] [--batch-size 20] [--lr-schedule cosine]
+        [--kl-warmup E] [--bias-init zero|mean] [--lr 1e-3]
 
 Their architecture: 784-200-200-50 (encoder) and 50-200-200-784 (decoder), tanh, Bernoulli pixels,
 a diagonal Gaussian q(z|x); batch 20, Adam (lr 1e-3). Their schedule, 3^i epochs at
