@@ -2,7 +2,7 @@
 
     python benchmarks/burda.py --data-dir ../shared/data/mnist --out DIR [--minutes M | --epochs E]
         [--models vae1,iwae5,iwae50,dreg5,dreg50] [--eval-limit 1000] [--batch-size 20] [--lr-schedule cosine]
-        [--kl-warmup E] [--bias-init zero|mean] [--lr 1e-3]
+        [--kl-warmup E] [--bias-init zero|mean] [--lr 1e-3] [--resume]
 
 Their architecture: 784-200-200-50 (encoder) and 50-200-200-784 (decoder), tanh, Bernoulli pixels,
 a diagonal Gaussian q(z|x); batch 20, Adam (lr 1e-3). Their schedule, 3^i epochs at
@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pyro_vae import VAEConfig, fit, load_run
+from pyro_vae import Callback, VAEConfig, fit, load_run
 from pyro_vae.core.errors import TrainingInterrupted
 from pyro_vae.core.data import load_splits
 from pyro_vae.infer.evaluate import evaluate
@@ -136,51 +136,104 @@ def decoder(args, train) -> TanhDecoder:
     return TanhDecoder(mean_image=mean_image(args, train))
 
 
-def speed(args, train) -> list:
-    """s/epoch (for 50,000 images) of each objective, ours vs the twin, interleaved."""
+def own_modules(args, train) -> dict:
+    """The networks ``fit`` and ``load_run`` get for the one-layer models: the tanh encoder and decoder."""
+    return {"encoder": TanhEncoder(), "decoder": decoder(args, train)}
+
+
+def one_layer_twin(name: str, args, train, num_data: int) -> HandWrittenIWAE:
+    """The hand-written twin of the one-layer model ``name``."""
+    objective, k = MODELS[name]
+    return HandWrittenIWAE(objective, k, num_data, args.lr, mean_image=mean_image(args, train))
+
+
+class CPUClock(Callback):
+    """CPU seconds of this process from ``fit``'s first step to the end of its (one) epoch."""
+
+    def on_train_begin(self, trainer) -> None:
+        self.start = time.process_time()
+
+    def on_epoch_end(self, trainer, record: dict) -> None:
+        self.seconds = time.process_time() - self.start
+
+
+def timed(epoch) -> tuple:
+    """``(wall, cpu)`` seconds of ``epoch()``, which returns its wall seconds."""
+    start = time.process_time()
+    return epoch(), time.process_time() - start
+
+
+def speed(args, train, twins=None, config=model_config, modules=own_modules) -> list:
+    """s/epoch (for 50,000 images), wall and CPU, of each model: ours (``fit`` with ``config``,
+    ``modules``) against each of ``twins`` (label -> ``twin(name, args, train, num_data)``, whose
+    ``epoch(images, batch_size)`` returns its wall seconds; the first is the reference of the
+    ratios), interleaved, medians over ``--speed-rounds``."""
+    twins = twins or {"hand-written": one_layer_twin}
     images = train.images[: args.speed_images]
     sub = train.subset(args.speed_images)
-    rows = []
+    scale, rows = 50000 / len(images), []
     for name in args.models:
-        objective, k = MODELS[name]
-        ours, hand = [], []
+        times = {label: [] for label in ("ours", *twins)}  # (wall, cpu) per round
         for _ in range(args.speed_rounds):
-            torch.manual_seed(args.seed)
-            twin = HandWrittenIWAE(objective, k, len(images), args.lr, mean_image=mean_image(args, train))
-            hand.append(twin.epoch(images, args.batch_size))
-            run = fit(model_config(name, args, 1), train_data=sub, val_data=None, progress=False,
-                      log=lambda s: None, encoder=TanhEncoder(), decoder=decoder(args, train))
-            ours.append(run.history[0]["seconds"])
-        scale = 50000 / len(images)
-        o, h = statistics.median(ours) * scale, statistics.median(hand) * scale
-        rows.append({"model": name, "ours_s_epoch": o, "hand_s_epoch": h, "ratio": o / h})
-        print(f"speed {name}: ours {o:.1f} s/epoch, hand-written {h:.1f} s/epoch, ratio {o / h:.3f}", flush=True)
+            for label, twin in twins.items():
+                torch.manual_seed(args.seed)
+                made = twin(name, args, train, len(images))
+                times[label].append(timed(lambda: made.epoch(images, args.batch_size)))
+            clock = CPUClock()
+            run = fit(config(name, args, 1), train_data=sub, val_data=None, progress=False,
+                      log=lambda s: None, callbacks=[clock], **modules(args, train))
+            times["ours"].append((run.history[0]["seconds"], clock.seconds))
+        row = {"model": name}
+        for label, pairs in times.items():
+            row[label] = [statistics.median(p[i] for p in pairs) * scale for i in (0, 1)]  # wall, cpu
+        reference = row[next(iter(twins))]
+        row["ratio"], row["cpu_ratio"] = (row["ours"][i] / reference[i] for i in (0, 1))
+        rows.append(row)
+        print(f"speed {name}: " + ", ".join(f"{label} {row[label][0]:.1f} s/epoch (CPU {row[label][1]:.1f})"
+                                            for label in times) + f"; ratio {row['ratio']:.3f} (CPU {row['cpu_ratio']:.3f})",
+              flush=True)
     return rows
 
 
-def train_one(name: str, args, train, log) -> dict:
+def speed_table(rows) -> str:
+    """The markdown table of :func:`speed`'s rows: s/epoch, wall (CPU)."""
+    labels = [k for k in rows[0] if k not in ("model", "ratio", "cpu_ratio")]
+    lines = ["| model | " + " | ".join(f"{label} s/epoch, wall (CPU)" for label in labels) + " | ratio, wall (CPU) |",
+             "|---" * (len(labels) + 2) + "|"]
+    return "\n".join(lines + [f"| {r['model']} | " + " | ".join(f"{r[k][0]:.1f} ({r[k][1]:.1f})" for k in labels)
+                              + f" | {r['ratio']:.3f} ({r['cpu_ratio']:.3f}) |" for r in rows])
+
+
+def train_one(name: str, args, train, log, config=model_config, modules=own_modules, callbacks=()) -> dict:
     """Train one model into ``args.out/name``: ``--epochs``, or one timed epoch then ``--minutes``
     (E epochs planned from it). On a shared machine an epoch may slow down: at ``--hard-cap`` times
-    the budget a SIGTERM stops the run after its current step (checkpointed) and it is scored as it is."""
+    the budget a SIGTERM stops the run after its current step (checkpointed) and it is scored as it is.
+    ``--resume`` continues a run folder that has a checkpoint. ``config(name, args, epochs)`` is the
+    run's config, ``modules(args, train)`` its own networks (``fit``'s and ``load_run``'s keywords),
+    ``callbacks`` go to ``fit``."""
     out = Path(args.out) / name
     start, cpu_start = time.perf_counter(), time.process_time()
-    planned = args.epochs
-    if not args.epochs:
-        run = fit(model_config(name, args, 1), out, train_data=train, val_data=None, progress=False,
-                  overwrite=True, log=log, encoder=TanhEncoder(), decoder=decoder(args, train))
+    resuming = args.resume and (out / "checkpoint.pt").exists()
+    planned, timer = args.epochs, None
+    if resuming and not args.epochs:  # the epochs planned before the restart
+        planned = json.loads((out / "config.json").read_text())["epochs"]
+    elif not args.epochs:
+        run = fit(config(name, args, 1), out, train_data=train, val_data=None, progress=False,
+                  overwrite=True, log=log, callbacks=callbacks, **modules(args, train))
         planned = max(1, int(args.minutes * 60 / run.history[0]["seconds"]))
+    if not args.epochs:
         timer = threading.Timer(args.hard_cap * args.minutes * 60 - (time.perf_counter() - start),
                                 lambda: os.kill(os.getpid(), signal.SIGTERM))
         timer.start()
     try:
-        run = fit(model_config(name, args, planned), out, train_data=train, val_data=None, progress=False,
-                  resume=not args.epochs, overwrite=bool(args.epochs), log=log,
-                  encoder=TanhEncoder(), decoder=decoder(args, train))
+        run = fit(config(name, args, planned), out, train_data=train, val_data=None, progress=False,
+                  resume=resuming or not args.epochs, overwrite=bool(args.epochs) and not resuming, log=log,
+                  callbacks=callbacks, **modules(args, train))
     except TrainingInterrupted as e:
-        log(f"stopped at the hard cap: {e}")
-        run = load_run(out, encoder=TanhEncoder(), decoder=TanhDecoder())
+        log(f"stopped (the hard cap, or a signal): {e}")
+        run = load_run(out, **modules(args, train))
     finally:
-        if not args.epochs:
+        if timer is not None:
             timer.cancel()
     seconds = time.perf_counter() - start
     return {"run": run, "epochs": len(run.history), "planned_epochs": planned, "train_seconds": seconds,
@@ -189,15 +242,16 @@ def train_one(name: str, args, train, log) -> dict:
             "final_train_bound": run.history[-1]["train_elbo"]}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def arguments(description: str, models) -> argparse.ArgumentParser:
+    """The command line of this benchmark (and of ``burda2.py``), ``--models`` of ``models``."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--data-dir", required=True, help="folder with the MNIST training IDX file (60,000 images)")
     p.add_argument("--out", required=True, help="folder for the run folders and results.md")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--minutes", type=float, help="training minutes per model (this machine)")
     g.add_argument("--epochs", type=int, help="epochs per model (Burda et al.: 3280 with --lr-schedule burda)")
     g.add_argument("--speed-only", action="store_true", help="only the speed table (ours against the twin)")
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    p.add_argument("--models", default=",".join(models), help=f"comma-separated, of {', '.join(models)}")
     p.add_argument("--batch-size", type=int, default=20)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam's (peak) learning rate")
     p.add_argument("--kl-warmup", type=int, default=0, help="epochs of linear KL warm-up (beta 1/E ... 1)")
@@ -210,7 +264,14 @@ def main(argv=None) -> int:
     p.add_argument("--speed-rounds", type=int, default=3, help="interleaved rounds (median; the first warms up)")
     p.add_argument("--hard-cap", type=float, default=1.3, help="with --minutes: stop a model at this times its budget")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run folders in --out from their checkpoints (--minutes: to the epochs planned "
+                        "before, the hard cap counted from the restart)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = arguments(__doc__.split("\n")[0], MODELS).parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",")]
     torch.set_num_threads(1)
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -219,9 +280,7 @@ def main(argv=None) -> int:
           f"(split_seed 0); batch {args.batch_size}, schedule {args.lr_schedule}", flush=True)
     speed_rows = speed(args, train) if args.speed_images else []
     if args.speed_only:
-        print("| model | ours s/epoch | hand-written s/epoch | ratio |\n|---|---|---|---|")
-        print("\n".join(f"| {s['model']} | {s['ours_s_epoch']:.1f} | {s['hand_s_epoch']:.1f} | {s['ratio']:.3f} |"
-                        for s in speed_rows))
+        print(speed_table(speed_rows))
         return 0
     results = []
     for name in args.models:
@@ -253,9 +312,7 @@ def write_results(args, speed_rows, results) -> None:
         lines.append(f"| {objective} | {k} | {r['epochs']} ({r['planned_epochs']}) | {r['train_seconds'] / 60:.1f} | {r['train_cpu_seconds'] / 60:.1f} | {-r['iwae']:.2f} | "
                      f"{r['iwae_se']:.2f} | {-r['elbo']:.2f} | {r['active_units']} | {PAPER.get(r['model'], '')} |")
     if speed_rows and results:
-        lines += ["", "| model | ours s/epoch | hand-written s/epoch | ratio |", "|---|---|---|---|"]
-        lines += [f"| {s['model']} | {s['ours_s_epoch']:.1f} | {s['hand_s_epoch']:.1f} | {s['ratio']:.3f} |"
-                  for s in speed_rows]
+        lines += ["", speed_table(speed_rows)]
     text = "\n".join(lines) + "\n"
     (Path(args.out) / "results.md").write_text(text)
     print(text, flush=True)

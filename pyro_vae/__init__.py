@@ -19,6 +19,7 @@ from .core.errors import (
     TrainingInterrupted,
 )
 from .experiments.compare import compare_guides
+from .experiments.explorer import explore
 from .experiments.plots import SaveFigures
 from .experiments.runs import compare_runs
 from .experiments.variance_lab import GradientMoments, gradient_moments, gradient_variance
@@ -33,6 +34,7 @@ from .program.guides import AmortizedGuide, Guide, make_guide
 from .infer.evaluate_m2 import M2EvalResult, evaluate_m2
 from .program.m2 import M2
 from .program.model import VAE
+from .program.contract import Capabilities, Program, check_program
 from .program.plates import data_plate
 from .program.sites import set_estimator
 
@@ -69,6 +71,9 @@ __all__ = [
     "make_guide",
     "VAE",
     "data_plate",
+    "Program",
+    "Capabilities",
+    "check_program",
     "Run",
     "load_run",
     "fit",
@@ -81,5 +86,6 @@ __all__ = [
     "SaveFigures",
     "compare_guides",
     "compare_runs",
+    "explore",
     "TensorBoardWriter",
 ]

@@ -98,3 +98,73 @@ def test_functions_fit_on_a_screen():
                 if length > MAX_FUNCTION_LINES:
                     long.append(f"{name}.{node.name}: {length} lines")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+# ----------------------------------------------------------------------------- the program contract
+
+
+def program_classes() -> dict:
+    """``{class name: module}`` of the concrete programs of the program layer (the VAE, M2, ...):
+    classes with a ``guide`` and a ``model`` that writes ``pyro.sample`` statements itself (not the
+    contract's base class, nor an adapter that runs someone else's model)."""
+    import importlib
+    import inspect
+
+    found = {}
+    for name in modules():
+        if floor(name) == FLOORS["program"]:
+            module = importlib.import_module(f"pyro_vae.{name}")
+            for obj in vars(module).values():
+                if isinstance(obj, type) and obj.__module__ == module.__name__ and \
+                        callable(getattr(obj, "guide", None)) and callable(getattr(obj, "model", None)) and \
+                        "pyro.sample(" in inspect.getsource(obj.model):
+                    found[obj.__name__] = name
+    return found
+
+
+def _reads_config_model(node) -> bool:
+    """``config.model`` or ``<anything>.config.model``: the model's name."""
+    if not (isinstance(node, ast.Attribute) and node.attr == "model"):
+        return False
+    inner = node.value
+    return (isinstance(inner, ast.Name) and inner.id == "config") or \
+        (isinstance(inner, ast.Attribute) and inner.attr == "config")
+
+
+def _name_constants(node) -> list:
+    """String constants that a comparison, a dict's keys or a subscript use (where a name would dispatch)."""
+    if isinstance(node, ast.Compare):
+        parts = [node.left, *node.comparators]
+    elif isinstance(node, ast.Dict):
+        parts = [k for k in node.keys if k is not None]
+    elif isinstance(node, ast.Subscript):
+        parts = [node.slice]
+    else:
+        return []
+    return [p.value for part in parts for p in ast.walk(part) if isinstance(p, ast.Constant) and isinstance(p.value, str)]
+
+
+def test_the_inference_layer_knows_no_program_by_class_or_name():
+    """``infer/`` works on the program contract alone: no concrete program class (by name or by
+    importing its module), no ``config.model``, no model name used to dispatch. Programs say what
+    they need through ``capabilities``."""
+    from pyro_vae.core.config import MODELS
+    from pyro_vae.program.programs import PROGRAMS
+
+    classes = program_classes()
+    assert {"VAE", "M2"} <= set(classes), classes
+    names, graph_ = set(MODELS) | set(PROGRAMS), graph()
+    found = []
+    for module, path in modules().items():
+        if floor(module) != FLOORS["infer"]:
+            continue
+        found += [f"{module} imports {dep}" for dep in graph_[module] if dep in classes.values()]
+        for node in ast.walk(ast.parse(path.read_text())):
+            named = {ast.Name: "id", ast.alias: "name", ast.Attribute: "attr"}.get(type(node))
+            if named is not None and getattr(node, named) in classes:
+                found.append(f"{module}:{getattr(node, 'lineno', '?')} names the class {getattr(node, named)}")
+            if _reads_config_model(node):
+                found.append(f"{module}:{node.lineno} reads config.model")
+            found += [f"{module}:{node.lineno} dispatches on the model name {c!r}" for c in _name_constants(node)
+                      if c in names]
+    assert not found, "the inference layer must know programs only by the contract:\n" + "\n".join(found)

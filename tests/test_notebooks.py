@@ -16,6 +16,7 @@ NOTEBOOKS = [  # a notebook added to or removed from notebooks/ must be added he
     "04_latent_space.ipynb",
     "05_semi_supervised_m2.ipynb",
     "06_flows_and_priors.ipynb",
+    "07_your_own_program.ipynb",
 ]
 KERNEL = "pyro-vae-test"
 

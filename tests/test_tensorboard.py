@@ -204,8 +204,8 @@ def test_a_vector_data_set_gets_scalars_and_no_images(tmp_path):
 
 
 def test_readme_mlflow_adapter_runs(tmp_path, tiny_config, monkeypatch):
-    """The README's MLflow example, against a stand-in ``mlflow`` that records the calls."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    """The documentation's MLflow example, against a stand-in ``mlflow`` that records the calls."""
+    readme = (Path(__file__).parents[1] / "docs" / "guide" / "evaluation.md").read_text()
     (code,) = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "MLflowCallback" in block]
     calls = []
     mlflow = types.ModuleType("mlflow")

@@ -14,14 +14,14 @@ from typing import List, Optional
 os.environ.setdefault("MPLBACKEND", "Agg")  # the CLI writes figures to files only (set before pyplot loads)
 
 from ..core.errors import PyroVAEError, TrainingInterrupted  # noqa: E402
-from . import cache, compare, evaluate, grad_variance, runs, train  # noqa: E402
+from . import cache, compare, evaluate, explore, grad_variance, runs, train  # noqa: E402
 from . import faults  # noqa: E402
 from .flags import Parser  # noqa: E402
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 #: one module per command, each with ``add_parser(subparsers)``
-COMMANDS = (train, evaluate, compare, grad_variance, cache, runs)
+COMMANDS = (train, evaluate, compare, grad_variance, cache, runs, explore)
 
 
 def build_parser() -> argparse.ArgumentParser:

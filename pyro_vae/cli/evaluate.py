@@ -13,7 +13,7 @@ from ..infer.evaluate import EVAL_FILE, evaluate, load_eval_data, save_result
 from ..infer.evaluate_m2 import evaluate_m2
 from ..infer.run import load_run
 from ..program.memory import check_numbers
-from .flags import add_data_flags
+from .flags import add_data_flags, add_program_flags, program_from_args
 
 
 def add_parser(sub) -> None:
@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by pyro-vae train")
     add_data_flags(p, defaults=False)
+    add_program_flags(p, training=False)
     p.add_argument(
         "--split",
         choices=SPLITS,
@@ -48,12 +49,12 @@ def add_parser(sub) -> None:
 
 
 #: ``config.model`` -> its evaluation (m2: accuracy of q(y|x), ELBO and IWAE bound with y summed out)
-EVALUATORS = {"vae": evaluate, "m2": evaluate_m2}
+EVALUATORS = {"vae": evaluate, "m2": evaluate_m2, "vae2": evaluate}
 
 
 def _evaluate_cli(args: argparse.Namespace) -> int:
 
-    run = load_run(args.run_dir, device=resolve_device(args.device))
+    run = load_run(args.run_dir, device=resolve_device(args.device), program=program_from_args(args))
     data = load_eval_data(
         run.config, args.split, dataset=args.dataset, data_dir=args.data_dir, data=args.data,
         labels_file=args.labels_file, image_size=args.image_size, binarize=args.binarize, limit=args.limit

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from ..core.config import ARCHS, BINARIZATIONS, DATASETS, VAEConfig
+from ..core.errors import ConfigError
+from ..program.files import ProgramFile
 
-__all__ = ["Parser", "add_data_flags", "add_arch_flag", "config_from_args", "hidden_widths"]
+__all__ = ["Parser", "add_data_flags", "add_arch_flag", "add_program_flags", "program_from_args", "config_from_args",
+           "hidden_widths"]
 
 def hidden_widths(text: str):
     try:
@@ -45,6 +49,38 @@ def add_arch_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", choices=ARCHS, default=VAEConfig().arch,
                    help="networks: mlp (default; fully connected, --hidden) | conv (strided convolutions down, "
                    "transposed convolutions up, sized from the images)")
+
+
+def json_object(text: str) -> dict:
+    """``--program-args``: a JSON object, e.g. ``'{"z_dim": 20}'``."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"z_dim\": 20}}', got {text!r} ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"z_dim\": 20}}', got {text!r}")
+    return value
+
+
+def add_program_flags(p: argparse.ArgumentParser, training: bool = True) -> None:
+    """``--program FILE.py:CLASS`` and ``--program-args JSON``: your own program from a file
+    (:class:`~pyro_vae.program.files.ProgramFile`); Lightning's ``--model module.Class``, with a file."""
+    what = ("train your own program instead of the built-in model: an nn.Module CLASS in FILE.py with model and guide "
+            "(model(x)/guide(x) as in Pyro's VAE tutorial, or the program contract); the run records the file") if training \
+        else "the program file of a run that was trained with --program, to use the file as it is now (it changed since)"
+    p.add_argument("--program", dest="program_spec", metavar="FILE.py:CLASS", help=what)
+    p.add_argument("--program-args", dest="program_json", type=json_object, metavar="JSON",
+                   help="keyword arguments of CLASS as a JSON object, e.g. '{\"z_dim\": 20}'"
+                   + (" (default: none)" if training else " (default: the recorded ones)"))
+
+
+def program_from_args(args):
+    """The :class:`~pyro_vae.program.files.ProgramFile` that ``--program``/``--program-args`` name, or ``None``."""
+    if args.program_spec is None:
+        if args.program_json is not None:
+            raise ConfigError("--program-args are the arguments of --program FILE.py:CLASS; give --program too")
+        return None
+    return ProgramFile.parse(args.program_spec, args.program_json)
 
 
 def config_from_args(args, **overrides) -> VAEConfig:

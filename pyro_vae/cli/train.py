@@ -17,7 +17,7 @@ from ..experiments.plots import SaveFigures
 from ..infer import distributed
 from ..infer.distributed import under_torchrun
 from ..infer.svi import fit
-from .flags import add_arch_flag, add_data_flags, config_from_args, hidden_widths
+from .flags import add_arch_flag, add_data_flags, add_program_flags, config_from_args, hidden_widths, program_from_args
 
 
 def add_parser(sub) -> None:
@@ -34,9 +34,16 @@ def add_parser(sub) -> None:
                    help=f"m2: weight of the classification term, alpha * N * mean log q(y|x) (default {d.alpha})")
     m.add_argument("--labelled-batch", type=int, default=d.labelled_batch, metavar="L",
                    help=f"m2: labelled images added to every minibatch (default {d.labelled_batch})")
+    m.add_argument("--labelled-weight", default=d.labelled_weight, metavar="W",
+                   help="m2: weight w of the labelled ELBO: data (default: a labelled image weighs as one image) | "
+                   "step (the labelled minibatch counts once per step: w = steps per epoch) | a number")
+    m.add_argument("--features", metavar="RUN", type=lambda path: str(Path(path).resolve()),
+                   help="m2: a VAE run folder (M1); M2 models its codes z1 ~ q(z1|x) instead of the pixels "
+                   "(Kingma et al.'s M1+M2); the run records it and needs it to load")
     m.add_argument("--likelihood", choices=LIKELIHOODS, default=d.likelihood,
                    help="p(x|z): bernoulli (default) | normal | continuous-bernoulli (grey values in [0, 1])")
     add_arch_flag(m)
+    add_program_flags(m)
     m.add_argument("--z-dim", type=int, default=d.z_dim, help=f"latent dimension (default {d.z_dim})")
     m.add_argument("--hidden", type=hidden_widths, default=d.hidden, help="hidden widths, e.g. 400 or 500,500")
     m.add_argument("--guide", choices=GUIDES, default=d.guide,
@@ -88,7 +95,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_train)
 
 
-FIGURES = {"vae": SaveFigures, "m2": SaveM2Figures}  # config.model -> the callback drawing its figures
+FIGURES = {"vae": SaveFigures, "m2": SaveM2Figures, "vae2": SaveFigures}  # config.model -> the callback drawing its figures
 
 
 def _default_out() -> Path:
@@ -102,14 +109,27 @@ def _default_out() -> Path:
 def _resume_command(args, out: Path) -> str:
     """The command line that continues an interrupted run: this one, with ``--resume``."""
     argv = [a for a in getattr(args, "argv", None) or ["train"] if a not in ("--overwrite", "--resume")]
+    argv = _without_program(argv)  # the run records its program file: --resume finds it, checked unchanged
     if args.out is None:
         argv += ["--out", str(out)]
     command = ["torchrun", "<the same torchrun flags>", "-m", "pyro_vae"] if under_torchrun() else ["pyro-vae"]
     return " ".join(a if a.startswith("<") else shlex.quote(a) for a in [*command, *argv, "--resume"])
 
 
+def _without_program(argv):
+    """``argv`` without ``--program``/``--program-args`` and their values."""
+    kept, skip = [], False
+    for a in argv:
+        if skip or a.split("=", 1)[0] in ("--program", "--program-args"):
+            skip = not skip and "=" not in a
+            continue
+        kept.append(a)
+    return kept
+
+
 def _train(args) -> int:
     config = config_from_args(args)
+    program = program_from_args(args)  # --program FILE.py:CLASS: built and checked by fit before it writes anything
     # under torchrun: join the process group (gloo on CPU, NCCL on GPUs); see pyro_vae/infer/distributed.py
     joined = distributed.init(config.device)
     try:
@@ -124,7 +144,7 @@ def _train(args) -> int:
         start = time.perf_counter()
         try:
             run = fit(config, out, progress=not args.quiet, overwrite=args.overwrite, resume=args.resume,
-                      callbacks=[FIGURES[config.model]()], tensorboard=args.tensorboard)
+                      callbacks=[FIGURES[config.model]()], tensorboard=args.tensorboard, program=program)
         except TrainingInterrupted as e:  # say exactly which command continues the run
             raise TrainingInterrupted(f"{e}: {_resume_command(args, out)}", e.signum) from None
     finally:

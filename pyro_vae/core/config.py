@@ -29,7 +29,8 @@ DEVICES = ("auto", "cpu", "cuda")
 NONFINITE = ("stop", "skip")
 ESTIMATORS = ("reparam", "score")
 BASELINES = ("none", "decaying-avg", "neural")
-MODELS = ("vae", "m2")  # vae: p(z) p(x|z) | m2: Kingma et al.'s semi-supervised p(y) p(z) p(x|y, z)
+MODELS = ("vae", "m2", "vae2")  # vae: p(z) p(x|z) | m2: Kingma's p(y) p(z) p(x|y, z) | vae2: Burda's p(z2) p(z1|z2) p(x|z1)
+LABELLED_WEIGHTS = ("data", "step")  # m2: the labelled ELBO weighs 1, or once per step (pyro_vae.program.m2)
 OBJECTIVES = ("elbo", "iwae", "dreg")  # what SVI maximises (pyro_vae.infer.iwae for iwae, dreg)
 LR_SCHEDULES = ("constant", "cosine", "burda")  # learning rate as a function of the epoch
 
@@ -48,15 +49,23 @@ class VAEConfig:
     limit: Optional[int] = None  # keep only this many training images (quick runs)
     event_shape: Tuple[int, ...] = (1, 28, 28)  # one datum: [C, H, W] image or [D] vector; fit sets it from the data
     # --- model p(x, z) = p(z) p(x|z) ---
-    model: str = "vae"  # vae | m2: the semi-supervised M2 with a label y (pyro_vae.program.m2)
+    model: str = "vae"  # vae | m2: semi-supervised, a label y (pyro_vae.program.m2) | vae2: two latent layers (program.vae2)
     num_labels: int = 100  # m2: training images whose label is observed (balanced over classes, chosen with `seed`)
     alpha: float = 0.1  # m2: weight of the classification term alpha * N * mean log q(y|x) (Kingma et al.: 0.1)
     labelled_batch: int = 100  # m2: labelled images in every step, beside the batch_size images (all if fewer)
+    labelled_weight: str = "data"  # m2: weight w of the labelled ELBO: data (1) | step (steps per epoch) | a number
+    features: Optional[str] = None  # m2: a VAE run folder (M1): M2 models its codes z1 ~ q(z1|x) (Kingma's M1+M2)
+    features_sha256: Optional[str] = None  # m2 with features: SHA-256 of that run's checkpoint.pt (fit records it)
+    feature_units: Tuple[int, ...] = ()  # m2 with features: the active units of M1 that M2 models (fit picks them)
     num_classes: int = 10  # m2: values of the label y; fit sets it from the data's labels (largest + 1)
     z_dim: int = 50  # dimension of the latent z (50: Burda et al.; better held-out IWAE than 20 on MNIST-5k, benchmarks/README.md)
     arch: str = "mlp"  # built-in networks: mlp (fully connected) | conv (strided convs down, transposed convs up)
     hidden: Tuple[int, ...] = (400,)  # mlp hidden layer widths; encoder uses them, decoder reversed (conv: unused)
     custom_modules: Tuple[str, ...] = ()  # networks the user supplied (encoder, decoder): load_run needs them again
+    program: Optional[str] = None  # fit(program=...): your own program's class (module.QualName); load_run needs it again
+    program_file: Optional[str] = None  # --program FILE:CLASS: the file (absolute) and class it was built from
+    program_args: Optional[dict] = None  # --program-args: its constructor's keyword arguments (JSON values)
+    program_sha256: Optional[str] = None  # the file's SHA-256 when trained: a changed file is refused, never loaded
     likelihood: str = "bernoulli"  # bernoulli: Bernoulli(logits) per pixel | normal: N(mu(z), sigma(z)^2) | continuous-bernoulli
     min_scale: float = 1e-2  # lower bound on the Normal decoder's sigma (density cannot blow up)
     # --- variational family q(z|x) ---
@@ -90,6 +99,7 @@ class VAEConfig:
         self.hidden = tuple(int(h) for h in self.hidden)
         self.event_shape = tuple(int(d) for d in self.event_shape)
         self.custom_modules = tuple(str(m) for m in self.custom_modules)
+        self.feature_units = tuple(int(u) for u in self.feature_units)
         self.check()
 
     def check(self) -> "VAEConfig":
@@ -195,14 +205,19 @@ class VAEConfig:
                 raise ConfigError(f"{name} must be a positive integer; got {getattr(self, name)}")
         if not (0 <= self.alpha < math.inf):
             raise ConfigError(f"alpha must be >= 0 and finite; got {self.alpha}")
+        if self.labelled_weight not in LABELLED_WEIGHTS and not _positive_number(self.labelled_weight):
+            raise ConfigError(f"labelled_weight must be data, step or a positive number; got {self.labelled_weight!r}")
+        if self.features is not None and self.model != "m2":
+            raise ConfigError("features (an M1 run whose codes z1 the model reads) needs model=m2")
         if self.model != "m2":
             return
-        needs = {"guide": "amortized", "arch": "mlp", "estimator": "reparam", "elbo": "trace", "num_particles": 1,
+        needs = {"guide": "amortized", "arch": "mlp", "estimator": "reparam", "num_particles": 1,
                  "custom_modules": (), "objective": "elbo"}  # what the M2 program is built for (TraceEnum_ELBO, one z per class)
         wrong = [f"{k}={getattr(self, k)!r}" for k, v in needs.items() if getattr(self, k) != v]
+        wrong += [f"elbo={self.elbo!r}"] if self.elbo not in ("trace", "meanfield") else []  # meanfield: closed-form KL of z
         if wrong:
-            raise ConfigError(f"model=m2 supports the amortized mlp networks, reparam, elbo=trace, one particle; "
-                              f"got {', '.join(wrong)}")
+            raise ConfigError(f"model=m2 supports the amortized mlp networks, reparam, elbo=trace or meanfield, one "
+                              f"particle; got {', '.join(wrong)}")
 
     @property
     def x_dim(self) -> int:
@@ -225,6 +240,7 @@ class VAEConfig:
         d["hidden"] = list(self.hidden)
         d["event_shape"] = list(self.event_shape)
         d["custom_modules"] = list(self.custom_modules)
+        d["feature_units"] = list(self.feature_units)
         return d
 
     @classmethod
@@ -254,6 +270,14 @@ def _burda_factor(epoch: int, epochs: int) -> float:
         if epoch * total < epochs * done:
             return 10 ** (-i / 7)
     return 10 ** (-7 / 7)
+
+
+def _positive_number(text: str) -> bool:
+    """Whether ``text`` reads as a positive finite number (a ``labelled_weight`` like ``"50"``)."""
+    try:
+        return 0 < float(text) < math.inf
+    except ValueError:
+        return False
 
 
 LR_FACTORS = {  # lr_schedule -> factor(epoch, epochs) multiplying lr

@@ -471,7 +471,8 @@ def check_shape_matches(data: ImageData, event_shape, what: str = "the run") -> 
 def check_images(data: ImageData, config: VAEConfig) -> None:
     """:class:`DataError` unless ``data`` is ``[N, D]`` with ``D`` the size of its ``event_shape``,
     finite and, where pixels are read as probabilities of ink or grey values (Bernoulli or
-    continuous Bernoulli likelihood, or any binarization), within ``[0, 1]``.
+    continuous Bernoulli likelihood, or any binarization), within ``[0, 1]``. For your own program
+    (``config.program``) only a binarization decides: its likelihood is its own business.
 
     Out-of-range values are rejected, not clipped: they mean the data was scaled wrongly.
     """
@@ -481,5 +482,6 @@ def check_images(data: ImageData, config: VAEConfig) -> None:
         raise DataError(f"{data.describe()}: images must be flattened {shape}, [N, {size}]; got {list(x.shape)}")
     if not bool(torch.isfinite(x).all()):
         raise DataError(f"{data.describe()}: images contain NaN or infinite values")
-    if config.likelihood in ("bernoulli", "continuous-bernoulli") or data.binarize != "none":
+    built_in_reads_probabilities = config.program is None and config.likelihood in ("bernoulli", "continuous-bernoulli")
+    if built_in_reads_probabilities or data.binarize != "none":
         _check_probabilities(x, data.describe())

@@ -42,8 +42,10 @@ RUN_FILES = ("config.json", "history.json", "checkpoint.pt")  # what makes a fol
 FIGURE_FILES = ("elbo.png", "reconstructions.png", "samples.png", "latent.png", "manifold.png")
 
 
-RESUME_MAY_CHANGE = ("epochs", "device", "validate", "on_nonfinite")  # all else must match to resume
-FROM_DATA = ("event_shape", "num_classes")  # set from the data by fit (the data fingerprint is checked instead)
+# all else must match to resume; program_sha256 is checked against the file itself (pyro_vae.program.files)
+RESUME_MAY_CHANGE = ("epochs", "device", "validate", "on_nonfinite", "program_sha256")
+FROM_DATA = ("event_shape", "num_classes", "features_sha256", "feature_units")  # set from the data by fit
+# (checked instead: the data fingerprint; for M1+M2 the checksum of M1 that the weights hold, program.m1m2)
 
 
 def write_json(path: Path, obj) -> None:

@@ -1,5 +1,6 @@
 """Experiments around the semi-supervised M2 (:mod:`pyro_vae.program.m2`): the classifier of
-an M2 run against the same network trained on the labelled images alone."""
+an M2 run against the same network trained on the labelled images alone (on their pixels, or for
+M1+M2 on M1's codes of them)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch.nn import functional as F
 from ..core.config import VAEConfig
 from ..program.networks import mlp
 
-__all__ = ["accuracy", "labelled_only_classifier"]
+__all__ = ["accuracy", "labelled_only_classifier", "codes_classifier"]
 
 
 @torch.no_grad()
@@ -26,15 +27,34 @@ def labelled_only_classifier(config: VAEConfig, images: torch.Tensor, labels: to
     ``labels`` alone: ``steps`` Adam steps (``config.lr``) of cross-entropy on minibatches of
     ``batch_size``, each image binarized afresh when ``dynamic`` (as M2 sees them), seeded by
     ``config.seed``. The supervised baseline of Kingma et al.'s comparison."""
-    g = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     net = mlp([config.x_dim, *config.hidden, config.num_classes])
+    return _train_classifier(net, lambda x: x, images, labels, config, steps, batch_size, dynamic)
+
+
+def codes_classifier(program, images: torch.Tensor, labels: torch.Tensor, steps: int = 1000,
+                     batch_size: int = 100, dynamic: bool = True) -> torch.nn.Module:
+    """The same network on M1's codes of the labelled images (the second baseline of an M1+M2 run,
+    :class:`~pyro_vae.program.m1m2.M1M2`): ``mlp([n, *hidden, K])`` on what its classifier reads,
+    ``program.read(x)`` (the mean of q(z1|x) on the n active units), trained as
+    :func:`labelled_only_classifier`. Classify images with ``net(program.read(x))``."""
+    config = program.config
+    torch.manual_seed(config.seed)
+    net = mlp([len(config.feature_units), *config.hidden, config.num_classes])
+    return _train_classifier(net, program.read, images, labels, config, steps, batch_size, dynamic)
+
+
+def _train_classifier(net, read, images, labels, config: VAEConfig, steps: int, batch_size: int, dynamic: bool):
+    """``steps`` Adam steps of the cross-entropy of ``net(read(x))`` on minibatches of the labelled images."""
+    g = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
     for _ in range(steps):
         rows = torch.randperm(len(labels), generator=g)[:batch_size]
         x = images[rows]
         x = torch.bernoulli(x, generator=g) if dynamic else x
-        loss = F.cross_entropy(net(x), labels[rows])
+        with torch.no_grad():
+            inputs = read(x)
+        loss = F.cross_entropy(net(inputs), labels[rows])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

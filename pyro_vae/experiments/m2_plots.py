@@ -1,5 +1,6 @@
 """Figures of an M2 run (:mod:`pyro_vae.program.m2`): the class-by-style grid (conditional
-generation) and the confusion matrix of the classifier q(y|x)."""
+generation), the confusion matrix of the classifier q(y|x), and the plate diagram of the stacked
+M1+M2 (:mod:`pyro_vae.program.m1m2`)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
+from pyro.infer.inspect import get_model_relations
+
 from ..core.data import eval_binarized
 from ..core.rundir import atomic_write
 from ..infer.callbacks import Callback
 from ..infer.evaluate_m2 import confusion_matrix
+from .diagrams import draw_plate_diagram
 from .plots import DPI, _images, _show, plot_elbo
 
-__all__ = ["class_style_grid", "plot_class_style", "plot_confusion", "save_m2_figures", "SaveM2Figures"]
+__all__ = ["class_style_grid", "plot_class_style", "plot_confusion", "plot_m1m2_diagram", "save_m2_figures",
+           "SaveM2Figures"]
 
 
 @torch.no_grad()
@@ -55,6 +60,25 @@ def plot_confusion(run, x: torch.Tensor, labels: torch.Tensor):
     accuracy = counts.diag().sum().item() / max(1, counts.sum().item())
     ax.set_title(f"{len(labels)} images, accuracy {100 * accuracy:.1f}%")
     fig.tight_layout()
+    return fig
+
+
+def plot_m1m2_diagram(program, x: torch.Tensor):
+    """The plate diagram of an M1+M2 program (:class:`~pyro_vae.program.m1m2.M1M2`), read off its
+    ``model`` and ``guide`` on images ``x [B, D]`` (the ``data`` plate; the labelled plate repeats
+    it with y observed): two graphs stacked, M2's p(y) p(z2) p(z1|y, z2) on top of M1's p(x|z1);
+    the guide's dashed arrows go up, x -> z1 (M1's frozen encoder) -> y, z2."""
+    relations = get_model_relations(program.model, model_args=(x,))
+    guide_relations = get_model_relations(program.guide, model_args=(x,))
+    guide_relations["sample_sample"] = {site: parents for site, parents in guide_relations["sample_sample"].items()
+                                        if site in program.latent_sites}  # not the closed-form KL's factors
+    pos = {"y": (0.5, 0.83), "z": (1.0, 0.83), "z1": (0.75, 0.5), "x": (0.75, 0.17)}
+    fig = draw_plate_diagram(relations, guide_relations, pos=pos, size=(5.0, 4.2),
+                             names={"z": "z_2", "z1": "z_1"}, reads={"z1": ["x"], "y": [], "z": []})
+    ax = fig.axes[0]
+    ax.axhline(0.33, xmin=0.02, xmax=0.98, color="0.6", linestyle=":", linewidth=1)
+    ax.text(0.02, 0.62, "M2\n(trained)", fontsize=8, color="0.3", va="center")
+    ax.text(0.02, 0.2, "M1\n(frozen)", fontsize=8, color="0.3", va="center")
     return fig
 
 

@@ -98,18 +98,22 @@ def save_figures(run, data, log=None) -> None:
     """Write ``elbo.png``, ``reconstructions.png``, ``samples.png``, ``latent.png`` (and
     ``manifold.png`` when z_dim = 2) into the run folder, using ``data`` for images (grey or
     colour grids). Data that are plain vectors (``event_shape`` ``[D]``) get the ELBO curve and the
-    latent plot only, with a note to ``log``."""
+    latent plot only, with a note to ``log``. The latent plot and the manifold need the one Gaussian
+    latent of a ``gaussian_guide`` program; for other programs they are left out, with a note."""
     out = Path(run.path)
-    n = 2000 if run.vae.inference.amortized else 500  # guides without an encoder fit each image
+    gaussian = run.vae.capabilities.gaussian_guide
+    n = 2000 if run.vae.capabilities.amortized else 500  # guides without an encoder fit each image
     x = data.images[:n]
-    figures = {
-        "elbo.png": plot_elbo(run.history),
-        "latent.png": plot_latent(run, x, None if data.labels is None else data.labels[:n]),
-    }
+    figures = {"elbo.png": plot_elbo(run.history)}
+    if gaussian:
+        figures["latent.png"] = plot_latent(run, x, None if data.labels is None else data.labels[:n])
+    elif log is not None:
+        log(f"note: {run.vae.program_class.__name__} has no single Gaussian latent (capabilities.gaussian_guide): "
+            "latent.png and manifold.png are not drawn")
     if len(run.config.event_shape) == 3:  # images
         figures["reconstructions.png"] = plot_reconstructions(run, x)
         figures["samples.png"] = plot_samples(run)
-        if run.config.z_dim == 2:
+        if gaussian and run.config.z_dim == 2:
             figures["manifold.png"] = plot_manifold(run)
     elif log is not None:
         log(f"note: the data are vectors of {run.config.x_dim} numbers, not images: "

@@ -25,6 +25,7 @@ from ..core.config import VAEConfig
 from ..core.errors import CheckpointError, ConfigError
 from ..core.rundir import atomic_write
 from ..infer.evaluate import EVAL_FILE, checkpoint_digest
+from ..program.files import ProgramFile
 
 __all__ = ["RunSummary", "read_run", "differing_settings", "runs_table", "to_markdown", "plot_runs", "compare_runs",
            "TABLE_FILE", "FIGURE_FILE"]
@@ -32,6 +33,11 @@ __all__ = ["RunSummary", "read_run", "differing_settings", "runs_table", "to_mar
 TABLE_FILE, FIGURE_FILE = "runs.md", "runs.png"
 #: what a row shows of an ``eval.json`` (the row's keys get the prefix ``eval_``)
 EVAL_KEYS = ("split", "n", "elbo", "iwae", "iwae_k", "active_units")
+#: settings that only the built-in programs read: a run of your own program (``config.program``)
+#: shows none (``–``), whatever its config.json holds
+BUILT_IN_SETTINGS = ("model", "num_labels", "alpha", "labelled_batch", "num_classes", "z_dim", "arch", "hidden",
+                     "custom_modules", "likelihood", "min_scale", "guide", "local_lr", "refine_steps", "refine_lr",
+                     "flow_steps", "prior", "prior_components", "fused")
 
 
 @dataclass
@@ -101,12 +107,13 @@ def runs_table(runs: Sequence[RunSummary]) -> List[dict]:
     ``epochs``, ``train_elbo``, ``val_elbo``, ``seconds`` (the sum over epochs) and, when any run
     has a current ``eval.json``, ``eval_split``, ``eval_n``, ``eval_elbo``, ``eval_iwae``,
     ``eval_iwae_k``, ``eval_active_units`` (``None`` for runs without one)."""
-    settings = differing_settings([run.config for run in runs])
+    configs = [_shown_settings(run.config) for run in runs]
+    settings = differing_settings(configs)
     evaluated = any(run.evaluation is not None for run in runs)
     rows = []
-    for run in runs:
+    for run, config in zip(runs, configs):
         last = run.history[-1] if run.history else {}
-        row = {"run": str(run.path), **{key: run.config.get(key) for key in settings}}
+        row = {"run": str(run.path), **{key: config.get(key) for key in settings}}
         row.update(epochs=len(run.history), train_elbo=last.get("train_elbo"), val_elbo=last.get("val_elbo"),
                    seconds=sum(h.get("seconds", 0.0) for h in run.history))
         if evaluated:
@@ -115,10 +122,21 @@ def runs_table(runs: Sequence[RunSummary]) -> List[dict]:
     return rows
 
 
+def _shown_settings(config: dict) -> dict:
+    """``config`` as a row shows it: a run of your own program without the built-in programs' settings."""
+    if config.get("program") is None:
+        return config
+    return {key: (None if key in BUILT_IN_SETTINGS else value) for key, value in config.items()}
+
+
 def _cell(key: str, value) -> str:
     if value is None:
         return "–"
-    if isinstance(value, (list, tuple)):
+    if key == "program_sha256":
+        value = value[:12]  # enough to tell two versions of a program file apart
+    elif isinstance(value, dict):
+        value = json.dumps(value)
+    elif isinstance(value, (list, tuple)):
         value = ",".join(str(v) for v in value)
     elif isinstance(value, float):
         value = f"{value:.1f}" if key == "seconds" else f"{value:.2f}"
@@ -188,8 +206,9 @@ def compare_runs(run_dirs, out=None, *, show: Optional[bool] = None,
     if not runs:
         raise ConfigError("compare_runs needs at least one run folder")
     for run in runs:
-        if run.note:
-            log(run.note)
+        for note in (run.note, _program_file_note(run)):
+            if note:
+                log(note)
     rows = runs_table(runs)
     fig = plot_runs(runs)
     show = _draws_inline() if show is None else show
@@ -200,6 +219,18 @@ def compare_runs(run_dirs, out=None, *, show: Optional[bool] = None,
         if not show:
             plt.close(fig)
     return rows
+
+
+def _program_file_note(run: RunSummary) -> Optional[str]:
+    """For a run trained with ``--program FILE:CLASS`` whose file has changed or gone since: what
+    ``evaluate`` and ``--resume`` will say about it."""
+    if run.config.get("program_file") is None:
+        return None
+    try:
+        ProgramFile.from_record(VAEConfig.from_dict(run.config), run=run.path)
+    except (CheckpointError, ConfigError) as e:
+        return str(e)
+    return None
 
 
 def _write(out: Path, table: str, fig) -> None:

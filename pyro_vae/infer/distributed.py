@@ -120,8 +120,6 @@ class DataParallel:
                 "the mean-field guide holds parameters per training image and cannot be trained with torchrun "
                 "(they are not sharded); use --guide amortized or semi-amortized, or a single process"
             )
-        if config.model == "m2":  # every rank would add the same labelled images to its rows
-            raise ConfigError("model=m2 trains in a single process; its labelled minibatch is not sharded under torchrun")
 
     def exact_noise(self, config, loss_fn) -> bool:
         """Whether the loss draws one ε per image from the main stream (then drawn for the global batch)."""

@@ -26,6 +26,15 @@ Pyro's :func:`pyro.infer.importance.vectorized_importance_weights` sums the log-
 ``data`` plate (one weight per *batch*); the IWAE bound needs one per *image*, so the weights here
 are computed from the model's own distributions (:meth:`~pyro_vae.model.VAE.likelihood`,
 :meth:`~pyro_vae.model.VAE.prior`), which ``tests/test_evaluate.py`` checks against Pyro's traces.
+
+**Any program.** A :class:`~pyro_vae.program.contract.Program` without the ``gaussian_guide``
+capability (several latent sites, another guide family, discrete latents) is scored from its
+traces instead (:mod:`pyro_vae.infer.traces`): the log weight of an image sums
+:math:`\log p - \log q` over *every* latent site of the guide's trace and the observed site,
+the ELBO is their mean over ``elbo_samples`` particles (``Trace_ELBO``'s estimate), the bound their
+log-mean-exp over ``iwae_k``, and active units are counted for each continuous latent site. Its
+draws come from torch's stream seeded by ``(seed, first row of the batch)``: the numbers depend on
+``batch_size`` (the Gaussian path's do not).
 """
 
 from __future__ import annotations
@@ -48,9 +57,12 @@ from ..core.data import ImageData, check_shape_matches, eval_binarized, load_dat
 from ..core.errors import ConfigError
 from ..core.progress import tqdm
 from ..core.rundir import write_json
+from ..program.contract import Program, check_program, program_name
 from ..program.guides import reparameterize
+from ..program.pyro_style import as_program, takes_data_only
 from .local import fit_local
 from .run import Run, load_run
+from .traces import program_terms
 
 __all__ = [
     "EvalResult",
@@ -243,8 +255,8 @@ class EvalResult:
     reconstruction: float  # E_q[log p(x|z)]: a log-likelihood (<= 0 for Bernoulli pixels)
     reconstruction_se: Optional[float]
     active_units: Optional[int]  # None with fewer than 2 images
-    z_dim: int
-    latent_variance: List[float]  # Cov_x(E_q[z_d]) per dimension
+    z_dim: int  # latent dimensions (all continuous latent sites together)
+    latent_variance: List[float]  # Cov_x(E_q[z_d]) per dimension (the sites' dimensions one after another)
     n: int
     elbo_samples: int
     seed: int
@@ -256,6 +268,8 @@ class EvalResult:
     run: Optional[str] = None
     seconds: float = 0.0
     note: Optional[str] = None  # set when the numbers are not log-likelihoods of binary images
+    program: Optional[str] = None  # a program scored from its traces: its class (module.QualName)
+    active_units_by_site: Dict[str, int] = field(default_factory=dict)  # such a program: per continuous latent site
     per_image: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # [n] each, not in to_dict
 
     def to_dict(self) -> dict:
@@ -284,6 +298,8 @@ class EvalResult:
         ]
         au = "n/a (needs 2 images)" if self.active_units is None else f"{self.active_units} of {self.z_dim}"
         lines.append(f"  {'active units':<28}{au:>10}")
+        if len(self.active_units_by_site) > 1:
+            lines += [f"  {f'  site {site}':<28}{count:>10}" for site, count in self.active_units_by_site.items()]
         lines.append(f"  {'seconds':<28}{self.seconds:10.1f}")
         if self.note:
             lines.append(f"note: {self.note}")
@@ -356,7 +372,10 @@ def evaluate(
 ) -> EvalResult:
     r"""ELBO, IWAE bound and active units of a trained VAE on ``images``, in nats per image.
 
-    :param vae_or_run: a :class:`~pyro_vae.run.Run`, a run folder, or a :class:`~pyro_vae.model.VAE`.
+    :param vae_or_run: a :class:`~pyro_vae.run.Run`, a run folder, or a program (a
+        :class:`~pyro_vae.model.VAE`, or any :class:`~pyro_vae.program.contract.Program`: one without
+        the ``gaussian_guide`` capability is scored from its traces, module docstring; a module whose
+        ``model(x)`` and ``guide(x)`` take the data alone is wrapped, :mod:`~pyro_vae.program.pyro_style`).
     :param images: an :class:`~pyro_vae.datasets.ImageData` (scored as
         :func:`~pyro_vae.train.eval_binarized` makes it: one fixed binarization) or a tensor
         ``[N, D]`` scored as it is.
@@ -381,6 +400,10 @@ def evaluate(
         vae_or_run = load_run(vae_or_run)
     run = vae_or_run if isinstance(vae_or_run, Run) else None
     vae = run.vae if run is not None else vae_or_run
+    if not isinstance(vae, Program) and isinstance(vae, torch.nn.Module) and takes_data_only(vae):  # model(x), guide(x)
+        vae = as_program(vae, getattr(images, "event_shape", None) or tuple(torch.as_tensor(images).shape[1:]))
+    if posterior is None and isinstance(vae, Program) and not vae.capabilities.gaussian_guide:
+        return _evaluate_program(vae, run, images, iwae_k, elbo_samples, batch_size, seed, chunk_k, progress)
     config = getattr(vae, "config", None)
 
     meta, x_all = _images_to_score(images, config, "the model" if run is None else f"run {run.path}")
@@ -412,6 +435,53 @@ def evaluate(
         per_image=values,
         **meta,
     )
+
+
+def _evaluate_program(program: Program, run: Optional[Run], images, iwae_k, elbo_samples, batch_size, seed,
+                      chunk_k, progress) -> EvalResult:
+    """:func:`evaluate` for a program scored from its traces (:func:`~pyro_vae.infer.traces.program_terms`)."""
+    start = time.perf_counter()
+    meta, x_all = _images_to_score(images, run.config if run is not None else None,
+                                   "the program" if run is None else f"run {run.path}")
+    device = next(iter(program.parameters())).device
+    if x_all.shape[1] != math.prod(program.event_shape):
+        raise ConfigError(f"images must be [N, {math.prod(program.event_shape)}] ({program_name(program)}'s "
+                          f"event_shape {list(program.event_shape)} flattened); got shape {tuple(x_all.shape)}")
+    check_program(program, x_all[:2].to(device))
+    chunk = _chunk_size(chunk_k, min(batch_size, len(x_all)))
+    parts: Dict[str, List[torch.Tensor]] = {}
+    bar = tqdm(total=len(x_all), unit="img", desc=f"evaluate (k={iwae_k})", disable=not progress, leave=False)
+    for idx in torch.arange(len(x_all)).split(batch_size):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(int(np.random.SeedSequence(seed, spawn_key=(2, int(idx[0]))).generate_state(1)[0]))
+            terms = program_terms(program, x_all[idx].to(device), elbo_samples, iwae_k, chunk)
+        for key, value in terms.items():
+            parts.setdefault(key, []).append(value.cpu())
+        bar.update(len(idx))
+    bar.close()
+    values = {key: torch.cat(v) for key, v in parts.items()}
+    means = {key[len("mean:"):]: values.pop(key) for key in list(values) if key.startswith("mean:")}
+    by_site, variances = _site_units(means)
+    summaries = {}
+    for key in ("elbo", "iwae", "kl", "reconstruction"):
+        summaries[key], summaries[f"{key}_se"] = _summary(values[key])
+    return EvalResult(**summaries, iwae_k=int(iwae_k), active_units=sum(by_site.values()) if by_site else None,
+                      z_dim=sum(m.shape[-1] for m in means.values()), latent_variance=variances, n=len(x_all),
+                      elbo_samples=int(elbo_samples), seed=int(seed),
+                      run=str(run.path) if run is not None and run.path is not None else None,
+                      seconds=time.perf_counter() - start,
+                      note=None if meta["binarize"] != "none" else f"binarize=none: grey values scored by "
+                      f"{program.program_class.__name__}'s likelihood (log-likelihoods only if it is a density of them)",
+                      program=program_name(program), active_units_by_site=by_site, per_image=values, **meta)
+
+
+def _site_units(means: Dict[str, torch.Tensor]) -> Tuple[Dict[str, int], List[float]]:
+    """Active units of each site from its posterior means ``[n, numel]``, and the variances of all
+    dimensions one site after another (zeros, and no counts, with fewer than 2 images)."""
+    if any(len(m) < 2 for m in means.values()):
+        return {}, [0.0] * sum(m.shape[-1] for m in means.values())
+    counted = {site: active_units(m) for site, m in means.items()}
+    return {site: c for site, (c, _) in counted.items()}, [float(v) for _, var in counted.values() for v in var]
 
 
 def _images_to_score(images, config, what: str):

@@ -26,7 +26,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
-import pyro.distributions as dist
 import torch
 
 from ..core.errors import ConfigError
@@ -80,22 +79,17 @@ class M2EvalResult:
 
 
 def class_log_weights(m2, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    r""":math:`\log w_{y,j} = \log p(x \mid y, z) + \log p(z) - \log q(z \mid x, y)` for every
-    label, ``z = loc_y + scale_y * eps``: ``x [B, D]``, ``eps [k, K, B, z_dim]`` -> ``[k, K, B]``."""
-    y = torch.arange(m2.config.num_classes, device=x.device).unsqueeze(-1)  # [K, 1]
-    loc, scale = m2.posterior(x, y)  # [K, B, z_dim] each
-    z = loc + scale * eps  # [k, K, B, z_dim]
-    q = dist.Normal(loc, scale).to_event(1)
-    prior = dist.Normal(torch.zeros_like(loc), torch.ones_like(scale)).to_event(1)
-    return m2.likelihood(y, z).log_prob(x) + prior.log_prob(z) - q.log_prob(z)  # [k, K, B]
+    r""":math:`\log w_{y,j}` for every label (:meth:`~pyro_vae.program.m2.M2.class_log_weights`;
+    M1+M2 weights its z1 draw too): ``x [B, D]``, ``eps [k, K, B, m2.noise_dim]`` -> ``[k, K, B]``."""
+    return m2.class_log_weights(x, eps)
 
 
 def _chunks(m2, x, idx, k: int, seed: int, stream: int):
     """``log w`` ``[k', K, B]`` in chunks of at most :data:`CHUNK_ROWS` decoder rows; image
     ``row``'s draws depend on ``(seed, stream, row)`` only."""
-    num_classes, z_dim = m2.config.num_classes, m2.config.z_dim
-    eps = _image_normal(idx, k * num_classes, z_dim, seed, stream).to(x.device, x.dtype)  # [k K, B, z_dim]
-    eps = eps.reshape(k, num_classes, len(idx), z_dim)
+    num_classes, noise = m2.config.num_classes, m2.noise_dim
+    eps = _image_normal(idx, k * num_classes, noise, seed, stream).to(x.device, x.dtype)  # [k K, B, noise]
+    eps = eps.reshape(k, num_classes, len(idx), noise)
     step = max(1, CHUNK_ROWS // (num_classes * len(idx)))
     for part in eps.split(step):
         yield class_log_weights(m2, x, part)

@@ -103,15 +103,18 @@ class IWAE_ELBO(Trace_ELBO):
         super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting,
                          vectorize_particles=True, strict_enumeration_warning=strict_enumeration_warning)
 
-    def _log_weights(self, model_trace, guide_trace, stop_guide: bool = False):
+    def _log_weights(self, model_trace, guide_trace, stop_guide: bool = False, reparameterized: bool = True):
         """``(log_w [K, B], N/B)``: per-image log weights without the plate scale (the ``beta``
-        of ``poutine.scale`` kept); ``stop_guide``: log q at detached parameters (DReG)."""
+        of ``poutine.scale`` kept), summed over *every* sample site of the model (latent and
+        observed) minus every site of the guide; ``stop_guide``: log q at detached parameters
+        (DReG); ``reparameterized``: refuse guide sites without ``rsample`` (training; scoring
+        needs no gradient through the draws)."""
         log_w, scale = 0.0, None
         for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
             for name, site in trace.nodes.items():
                 if site["type"] != "sample":
                     continue
-                if sign < 0 and not site["fn"].has_rsample:
+                if sign < 0 and reparameterized and not site["fn"].has_rsample:
                     raise NotImplementedError(f"{type(self).__name__} needs a reparameterized guide; site {name!r} is not")
                 if not any(f.dim == -1 for f in site["cond_indep_stack"]):
                     raise ValueError(f"{type(self).__name__}: every site must be inside the data plate (dim -1); "

@@ -15,35 +15,19 @@ contracts the costs with :math:`q(y \mid x)` exactly:
 
 No subclass is needed: the classification term is an observed site of the model
 (``y_q ~ q(y|x)``, scaled by :math:`\alpha / N_l`), so the parent's ``loss`` and
-``differentiable_loss`` compute :math:`-\mathcal{J}^\alpha` as they are. The fused path does
-not apply (``config.fused`` is ignored for M2).
+``differentiable_loss`` compute :math:`-\mathcal{J}^\alpha` as they are. The training loop
+reaches it through M2's capabilities (``enumerate``: :func:`~pyro_vae.infer.objectives.training_elbo`)
+and its ``step_arguments`` (the labelled minibatch of every step); the fused path does not apply.
 """
 
 from __future__ import annotations
 
 from pyro.infer import TraceEnum_ELBO
 
-from ..core.config import VAEConfig
-
-__all__ = ["m2_elbo", "m2_loss"]
+__all__ = ["m2_elbo"]
 
 
 def m2_elbo() -> TraceEnum_ELBO:
     """The estimator: one ``z`` per image and label value, ``y`` summed out exactly."""
     return TraceEnum_ELBO(max_plate_nesting=1)
 
-
-def m2_loss(m2, config: VAEConfig):
-    """``loss(x, idx, num_data, beta)`` for the trainer: a differentiable estimate of
-    :math:`-\\mathcal{J}^\\alpha` on the minibatch ``x`` plus ``config.labelled_batch`` labelled
-    images (:meth:`~pyro_vae.program.m2.M2.labelled_batch`, drawn from torch's seeded stream,
-    which checkpoints save, so resuming draws the same)."""
-    elbo = m2_elbo()
-    binarize = config.binarize == "dynamic"
-
-    def loss(x, idx, num_data, beta):
-        labelled = m2.labelled_batch(config.labelled_batch, binarize)
-        return elbo.differentiable_loss(m2.model, m2.guide, x, idx, num_data=num_data, beta=beta, labelled=labelled)
-
-    loss.fused = False
-    return loss

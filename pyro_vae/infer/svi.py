@@ -1,4 +1,4 @@
-r"""Stochastic variational inference for the VAE: the training loop behind ``pyro-vae train``.
+r"""Stochastic variational inference for the VAE, or any program: the training loop behind ``pyro-vae train``.
 
 Each step is black-box VI, exactly what ``pyro.infer.SVI(model, guide, Adam, Trace_ELBO()).step``
 does (``tests/test_svi.py`` checks that the parameters agree step for step): take a minibatch,
@@ -19,6 +19,11 @@ without tracing, :mod:`pyro_vae.infer.fused`); one ``torch.optim.Adam`` updates 
 :class:`~pyro_vae.infer.interrupts.StopSignals` (Ctrl-C/SIGTERM stop after the step),
 :class:`~pyro_vae.infer.guards.NonFiniteGuard` (NaN/inf), :class:`~pyro_vae.infer.distributed.DataParallel`
 (``torchrun``) and :class:`~pyro_vae.infer.callbacks.Callback` (figures, trackers).
+
+The loop knows its program only through the contract
+(:class:`~pyro_vae.program.contract.Program`): the built-in program that ``config.model`` names,
+or your own, ``fit(config, program=MyProgram(...))``, which gets all of the above; its
+:class:`~pyro_vae.program.contract.Capabilities` choose the estimators.
 """
 
 from __future__ import annotations
@@ -36,16 +41,20 @@ import torch
 from ..core.config import VAEConfig, resolve_device
 from ..core.data import as_image_data, check_images, eval_binarized, load_splits
 from ..core.errors import ConfigError, TrainingError, TrainingInterrupted
-from ..core.progress import tqdm
+from ..core.progress import disable, tqdm
+from ..program.contract import Program, check_program, program_name, record_program
+from ..program.files import ProgramFile
 from ..program.memory import check_memory
 from ..program.programs import build_program, fit_to_data
+from ..program.pyro_style import as_program
 from .cache import cached_run
 from .callbacks import Callback
 from .checkpointing import Checkpointer, data_fingerprint, open_run_folder
 from .distributed import DataParallel
 from .guards import ADVICE, NonFiniteGuard
 from .interrupts import SignalAt, StopSignals, signal_name
-from .objectives import check_fused, elbo_per_image, make_loss, make_optimizer
+from .objectives import check_fused, elbo_per_image, fallbacks, make_loss, make_optimizer
+from .program_files import program_for_fit, say_data_only
 from .run import Run
 from .tensorboard import TensorBoardWriter
 
@@ -67,8 +76,10 @@ def fit(
     cache=False,
     encoder: Optional[torch.nn.Module] = None,
     decoder: Optional[torch.nn.Module] = None,
+    program: Optional[Program] = None,
 ) -> Run:
-    """Train a VAE by SVI; return the :class:`~pyro_vae.infer.run.Run` (and write it to ``out``).
+    """Train a VAE (or your own program) by SVI; return the :class:`~pyro_vae.infer.run.Run`
+    (and write it to ``out``).
 
     :param config: every setting of the run.
     :param out: run folder to write (``config.json``, ``history.json``, ``checkpoint.pt``).
@@ -79,6 +90,17 @@ def fit(
     :param encoder, decoder: your own networks instead of the built-in ones (the contract:
         :class:`~pyro_vae.program.model.VAE`); the run folder records them, and
         ``load_run(path, encoder=..., decoder=...)`` loads it.
+    :param program: your own :class:`~pyro_vae.program.contract.Program` instead of the built-in
+        model: trained with the config's training settings (batch size, epochs, learning rate,
+        seed, KL warm-up, objective, ...; the built-in model's own settings are unused), checked
+        first on two training images (:func:`~pyro_vae.program.contract.check_program`). The run
+        folder records its class (``config.program``); ``resume`` and ``load_run(path,
+        program=MyProgram(...))`` need a fresh instance again. Its initial parameters are those it
+        was constructed with. A module whose ``model(x)`` and ``guide(x)`` take the data alone (Pyro's
+        VAE tutorial) is wrapped, :class:`~pyro_vae.program.pyro_style.PyroStyleProgram`. A
+        :class:`~pyro_vae.program.files.ProgramFile` (a class in a file, its arguments) is built and
+        recorded, so ``resume`` and ``load_run(path)`` rebuild it without being told again, and
+        ``cache`` keys it by the file's SHA-256 (the file alone, not the modules it imports).
     :param overwrite: replace a run already in ``out``.
     :param resume: continue the run in ``out`` from its checkpoint: the same parameters, optimizer
         state, random streams and position in the epoch, so on CPU the result equals an
@@ -99,18 +121,36 @@ def fit(
     :raises TrainingInterrupted: SIGINT or SIGTERM; the current step was finished and a
         checkpoint to resume from was written.
     """
+    config, program = program_for_fit(config, out, program, resume)  # a ProgramFile built; or the one resume records
+    if program is not None:
+        say_data_only(program, log)
+        program = _checked_program(config, program, encoder, decoder, cache)
     if cache:
         if encoder is not None or decoder is not None:
             raise ConfigError("fit(cache=True) cannot key a run on your own modules' code; train them without the cache")
         train_data, val_data = _image_data(config, train_data, val_data)  # the cache key needs their fingerprint
-        return _cached_fit(config, out, resume, cache, train_data, val_data, overwrite, log,
-                           dict(progress=progress, callbacks=callbacks, tensorboard=tensorboard))
+        options = dict(progress=progress, callbacks=callbacks, tensorboard=tensorboard)
+        if config.program_file is not None:  # a program from a file: the key holds the file's digest
+            config, options["program"] = record_program(config, program), ProgramFile.from_record(config)
+        return _cached_fit(config, out, resume, cache, train_data, val_data, overwrite, log, options)
     if tensorboard:
         callbacks = [*callbacks, TensorBoardWriter.for_run_folder(out)]
     trainer = Trainer(config, out, train_data=train_data, val_data=val_data, progress=progress,
                       overwrite=overwrite, resume=resume, log=log, callbacks=callbacks, encoder=encoder,
-                      decoder=decoder)
+                      decoder=decoder, program=program)
     return trainer.train()
+
+
+def _checked_program(config: VAEConfig, program, encoder, decoder, cache) -> Program:
+    """``program`` as a :class:`Program`, refused with what it cannot be combined with."""
+    program = as_program(program, config.event_shape)  # model(x)/guide(x) alone: wrapped (program.pyro_style)
+    if encoder is not None or decoder is not None:
+        raise ConfigError("encoder= and decoder= go into the built-in VAE; your program= brings its own networks")
+    if cache and config.program_file is None:  # the key would have to hold the code the program runs: its class,
+        # helpers, globals, notebook cells (a ProgramFile's key holds its file's SHA-256)
+        raise ConfigError("fit(cache=True) cannot key a run on your program's code (its class need not hold all the "
+                          "code it runs); train it without the cache, or from a file: program=ProgramFile(...)")
+    return program
 
 
 def _cached_fit(config, out, resume, cache, train_data, val_data, overwrite, log, options) -> Run:
@@ -144,15 +184,19 @@ class EpochState:
 
 
 class Trainer:
-    """SVI on a :class:`~pyro_vae.program.model.VAE`; :func:`fit` is ``Trainer(...).train()``."""
+    """SVI on a :class:`~pyro_vae.program.contract.Program` (the built-in one ``config.model``
+    names, or ``program``); :func:`fit` is ``Trainer(...).train()``."""
 
     def __init__(self, config: VAEConfig, out=None, *, train_data=None, val_data=None, progress=True,
                  overwrite=False, resume=False, log=tqdm.write, callbacks: Sequence[Callback] = (),
-                 encoder: Optional[torch.nn.Module] = None, decoder: Optional[torch.nn.Module] = None):
+                 encoder: Optional[torch.nn.Module] = None, decoder: Optional[torch.nn.Module] = None,
+                 program: Optional[Program] = None):
         config.check()
         self.encoder, self.decoder = encoder, decoder  # your own networks (VAE(config, encoder=, decoder=))
+        self.program = program  # your own program, or None: the built-in one config.model names
         custom = tuple(name for name, m in (("encoder", encoder), ("decoder", decoder)) if m is not None)
         config = config.replace(custom_modules=custom) if custom else config  # recorded: load_run needs them
+        config = record_program(config, program) if program is not None else config  # load_run needs it again
         self.device = resolve_device(config.device)
         self.dp = DataParallel.current(self.device)  # None unless under torchrun
         if self.dp is not None:
@@ -195,19 +239,23 @@ class Trainer:
 
     def _build(self, config: VAEConfig) -> None:
         """Seed, data on the device, the model and guide, the loss and the optimizer."""
-        rows = config.batch_size * config.num_particles  # refuse a model too large for memory before allocating
-        check_memory(config, self.device, num_data=len(self.train_data), rows=rows,
-                     rows_from=f"batch_size={config.batch_size}, num_particles={config.num_particles}")
+        if self.program is None:  # the built-in model's size is known from the config: refuse it before allocating
+            rows = config.batch_size * config.num_particles
+            check_memory(config, self.device, num_data=len(self.train_data), rows=rows,
+                         rows_from=f"batch_size={config.batch_size}, num_particles={config.num_particles}")
         pyro.set_rng_seed(config.seed)
         pyro.clear_param_store()
         pyro.enable_validation(config.validate)
         self.images = self.train_data.images.to(self.device)  # [N, D], the whole data set on the device
         self.num_data = len(self.images)
-        # the validation ELBO needs q(z|x) for unseen images: guides with an encoder only
-        with_encoder = config.guide != "mean-field"
+        self.vae = self._program(config).to(self.device)
+        # the validation ELBO needs q(z|x) for unseen images: amortized guides only
+        with_encoder = self.vae.capabilities.amortized
         self.x_val = eval_binarized(self.val_data).to(self.device) if self.val_data is not None and with_encoder else None
-        self.vae = build_program(config, self.num_data, self.train_data, self.encoder, self.decoder).to(self.device)
         self.run = Run(config, self.vae, [], self.folder)
+        note = fallbacks(self.vae, config, validation=self.x_val is not None)
+        if note is not None:
+            self.log(note)
         self.loss_fn = make_loss(self.vae, config)
         if self.loss_fn.fused:  # the fused loss must agree with Pyro's ELBO on this model: check once
             first = torch.arange(min(self.global_batch, self.num_data), device=self.device)
@@ -222,6 +270,23 @@ class Trainer:
         self.guard = NonFiniteGuard(config.on_nonfinite, self.params, lambda: self.checkpoints.kept(self.run.history),
                                     self.log)
         self.exact_noise = self.dp is not None and self.dp.exact_noise(config, self.loss_fn)
+
+    def _program(self, config: VAEConfig) -> Program:
+        """The program (built-in, or ``program=``), checked on two training images."""
+        program = self.program if self.program is not None else \
+            build_program(config, self.num_data, self.train_data, self.encoder, self.decoder)
+        if math.prod(program.event_shape) != config.x_dim:
+            raise ConfigError(f"{program_name(program)}.event_shape {list(program.event_shape)} does not hold the data's "
+                              f"{config.x_dim} numbers per datum ({list(config.event_shape)})")
+        if self.dp is not None and not program.capabilities.data_parallel:
+            raise ConfigError(f"{type(program).__name__} trains in a single process (capabilities.data_parallel: "
+                              "per-image parameters, or step arguments every process would repeat)")
+        rows = torch.arange(min(2, self.num_data))
+        x = self.images[rows.to(self.device)].to(next(program.parameters()).device)
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            x = torch.bernoulli(x) if self.train_data.binarize == "dynamic" else x
+            check_program(program, x, rows.to(x.device), self.num_data, reparameterized=config.objective != "elbo")
+        return program
 
     def _resume(self, saved: dict) -> Optional[dict]:
         position = self.checkpoints.restore(saved, self.run.history)
@@ -271,7 +336,7 @@ class Trainer:
         start = time.perf_counter()
         batches = state.order.split(self.global_batch)  # under torchrun each rank takes its rows of each
         bar = tqdm(range(state.step, len(batches)), desc=f"epoch {state.epoch + 1}/{self.config.epochs}",
-                   leave=False, disable=not self.progress, initial=state.step, total=len(batches))
+                   leave=False, disable=disable(self.progress), initial=state.step, total=len(batches))
         for state.step in bar:
             if self._stop_requested():  # finish no more steps: save the position, stop
                 state.seconds += time.perf_counter() - start

@@ -27,6 +27,13 @@ reconstructions, row by row) and ``images/samples`` (64 decoded prior samples, t
 time), and when training completes the hyperparameters (``add_hparams``: the config) with the final
 ``hparam/train_elbo`` and ``hparam/val_elbo``.
 
+For a program without the built-in Gaussian guide (``capabilities.gaussian_guide``, e.g. several
+latent sites) the probe terms come from its traces (:func:`~pyro_vae.infer.traces.program_log_weights`:
+the observed site's log-density, and the rest of the log weight over all latent sites as the KL),
+and the grids from its own ``reconstruct`` and ``sample``; a program that has neither a Gaussian
+guide nor q(z|x) for new images (``capabilities.amortized``) gets no probe terms, which the log says
+once.
+
 None of it draws from the training's random streams (``torch.random.fork_rng``, own generators),
 so a run with the writer takes exactly the steps of a run without. ``tensorboard`` is an optional
 package (``pip install -e ".[tensorboard]"``); :func:`summary_writer_class` says so in one line.
@@ -45,6 +52,7 @@ from ..core.errors import ConfigError
 from ..program.guides import reparameterize
 from .callbacks import Callback
 from .evaluate import elbo_terms
+from .traces import program_log_weights
 
 __all__ = ["TensorBoardWriter", "summary_writer_class", "clear_event_files", "TENSORBOARD_DIR", "SCALAR_TAGS"]
 
@@ -117,6 +125,11 @@ class TensorBoardWriter(Callback):
         self.writer = self.summary_writer(str(log_dir), purge_step=len(trainer.run.history) + 1)
         self.probe, self.probe_rows = _probe_images(trainer, self.probe_images)
         self._grad_norm_sum, self._grad_steps = 0.0, 0
+        capabilities = trainer.vae.capabilities
+        self.probes = capabilities.gaussian_guide or capabilities.amortized
+        if not self.probes:
+            trainer.log(f"TensorBoard: {type(trainer.vae).__name__} has neither a Gaussian guide nor q(z|x) for new images "
+                        "(capabilities): elbo/reconstruction and elbo/kl are not written")
 
     def on_step_end(self, trainer, loss) -> None:
         with torch.no_grad():  # one small reduction per parameter; summed without a device sync
@@ -164,9 +177,13 @@ class TensorBoardWriter(Callback):
         """The posterior means of the probe images and their mean reconstruction term and KL,
         drawn from a forked, seeded random stream."""
         x, vae = self.probe, trainer.vae
+        if not self.probes:
+            return None, {"reconstruction": None, "kl": None}
         devices = [x.device] if x.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(0)  # semi-amortized guides draw z while refining
+            if not vae.capabilities.gaussian_guide:  # any program: its traces, all latent sites
+                return None, _trace_terms(vae, x, self.elbo_samples)
             if not getattr(vae.inference, "diagonal", True):  # full-rank, flow: only q(x) describes it
                 return _q_terms(vae, x, vae.inference.q(x, self.probe_rows), self.elbo_samples)
             loc, scale = vae.inference.posterior(x, self.probe_rows)
@@ -179,13 +196,31 @@ class TensorBoardWriter(Callback):
         shape = tuple(trainer.config.event_shape)
         if len(shape) != 3:
             return
-        per_row = min(8, len(loc))
-        n = min(16, len(loc)) // per_row * per_row  # whole rows only
-        with torch.no_grad():
-            recon = trainer.vae.decode_mean(loc[:n])
+        per_row = min(8, len(self.probe))
+        n = min(16, len(self.probe)) // per_row * per_row  # whole rows only
+        recon = _reconstructions(trainer.vae, self.probe[:n], None if loc is None else loc[:n])
         rows = [t for i in range(0, n, per_row) for t in (self.probe[i:i + per_row], recon[i:i + per_row])]
         self.writer.add_image("images/reconstructions", _grid(torch.cat(rows), shape, per_row), epoch)
         self.writer.add_image("images/samples", _grid(trainer.run.sample(64, seed=0), shape, 8), epoch)
+
+
+def _trace_terms(program, x: torch.Tensor, samples: int) -> Dict[str, float]:
+    """Means over the images ``x`` and ``samples`` draws of log p(x|.) and of the rest of the log
+    weight, from the program's traces."""
+    weights = program_log_weights(program, x, samples)
+    reconstruction, elbo = weights["log_px"].mean().item(), weights["log_w"].mean().item()
+    return {"reconstruction": reconstruction, "kl": reconstruction - elbo, "elbo": elbo}
+
+
+@torch.no_grad()
+def _reconstructions(program, x: torch.Tensor, loc: Optional[torch.Tensor]) -> torch.Tensor:
+    """E[x|z] at the posterior means ``loc`` (a Gaussian guide), else the program's own
+    ``reconstruct(x)`` with a seeded draw."""
+    if loc is not None:
+        return program.decode_mean(loc)
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(0)
+        return program.reconstruct(x)
 
 
 def _q_terms(vae, x: torch.Tensor, q, samples: int) -> Tuple[torch.Tensor, Dict[str, float]]:
@@ -204,7 +239,7 @@ def _probe_images(trainer, n: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]
     """``(x [n, D], rows)``: the first ``n`` validation images, or (no validation images, or a
     guide without an encoder) the first training images and their rows; one fixed binarization."""
     val = trainer.val_data
-    if trainer.vae.inference.amortized and val is not None and len(val) > 0:
+    if trainer.vae.capabilities.amortized and val is not None and len(val) > 0:
         return eval_binarized(val.subset(n)).to(trainer.device), None
     train = trainer.train_data.subset(n)
     return eval_binarized(train).to(trainer.device), torch.arange(len(train), device=trainer.device)

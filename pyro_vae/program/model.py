@@ -25,7 +25,7 @@ full-data ELBO. ``beta`` weights the latent site (KL annealing) through ``poutin
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import pyro
 import pyro.distributions as dist
@@ -35,6 +35,7 @@ from torch import nn
 
 from ..core.config import VAEConfig
 from ..core.errors import ConfigError
+from .contract import Capabilities, Program
 from .guides import make_guide
 from .likelihoods import LIKELIHOOD_FAMILIES
 from .networks import make_decoder
@@ -44,8 +45,10 @@ from .priors import make_prior
 __all__ = ["VAE", "data_plate"]
 
 
-class VAE(nn.Module):
-    """Decoder (the model's network) plus a guide, with ``model`` and ``guide`` side by side.
+class VAE(Program):
+    """Decoder (the model's network) plus a guide, with ``model`` and ``guide`` side by side: a
+    :class:`~pyro_vae.program.contract.Program` with the one latent site ``z`` and every capability
+    of the built-in pieces (the fused loss, the analytic KL, the Gaussian guide).
 
     :param VAEConfig config: sizes, likelihood and the built-in architecture (``config.arch``).
     :param guide: a :class:`~pyro_vae.guides.Guide`; by default the one ``config.guide`` names.
@@ -82,6 +85,20 @@ class VAE(nn.Module):
         if hasattr(self.inference, "attach"):  # guides that score images with p(x|z) themselves
             self.inference.attach(self.likelihood)
         self.latent_prior = make_prior(config, x_dim)  # p(z): N(0, I) or a learned prior
+
+    latent_sites = ("z",)
+
+    @property
+    def event_shape(self) -> Tuple[int, ...]:
+        return tuple(self.config.event_shape)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Fused, analytic KL, a Gaussian guide; guides without an encoder (mean-field) have no
+        q(z|x) for new images and hold parameters per training image (no torchrun)."""
+        amortized = bool(getattr(self.inference, "amortized", True))
+        return Capabilities(analytic_kl=True, fused=True, gaussian_guide=True, amortized=amortized,
+                            data_parallel=amortized)
 
     # ------------------------------------------------------------------ the probabilistic program
 
@@ -123,6 +140,24 @@ class VAE(nn.Module):
     def prior(self, batch: int) -> dist.Distribution:
         """p(z) (``config.prior``, :mod:`~pyro_vae.program.priors`), batch shape ``[batch]``, event ``[z_dim]``."""
         return self.latent_prior(batch, self.inference, like=next(self.parameters()))
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: Optional[int] = None) -> torch.Tensor:
+        """Decoded prior samples: E[x|z] for ``z ~ p(z)`` (N(0, I), or the learned prior), ``[n, D]``."""
+        if self.config.prior != "normal":  # mog, vamp: the model's own p(z)
+            with torch.random.fork_rng(devices=[]):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                return self.decode_mean(self.prior(n).sample())
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        z = torch.randn(n, self.config.z_dim, generator=g).to(next(self.parameters()).device)
+        return self.decode_mean(z)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """E[x | z = posterior mean]: ``[B, D]`` (for guides without an encoder, ``Run.reconstruct``
+        fits q(z|x) per image first)."""
+        return self.decode_mean(self.inference.posterior(x)[0])
 
 
 # ----------------------------------------------------------------------------- your own modules
