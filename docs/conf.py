@@ -45,7 +45,6 @@ html_static_path = ["_static"]
 html_css_files = ["custom.css"]
 html_extra_path = ["_extra"]  # copied as they are to the site's root: explorer/ (pyro-vae explore's page)
 html_show_sourcelink = False
-templates_path: list = []
 
 # --- math: the local MathJax copy, never a CDN -----------------------------------------------------
 mathjax_path = "mathjax/tex-chtml.js"
@@ -54,7 +53,6 @@ mathjax_path = "mathjax/tex-chtml.js"
 autodoc_default_options = {"members": True, "show-inheritance": True}
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
-autodoc_mock_imports: list = []
 napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 add_module_names = False

@@ -33,8 +33,11 @@ from .infer.tensorboard import TensorBoardWriter
 from .program.guides import AmortizedGuide, Guide, make_guide
 from .infer.evaluate_m2 import M2EvalResult, evaluate_m2
 from .program.m2 import M2
+from .program.vae2 import TwoLayerVAE
 from .program.model import VAE
 from .program.contract import Capabilities, Program, check_program
+from .program.files import ProgramFile
+from .program.pyro_style import PyroStyleProgram
 from .program.plates import data_plate
 from .program.sites import set_estimator
 
@@ -42,6 +45,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "M2",
+    "TwoLayerVAE",
+    "ProgramFile",
+    "PyroStyleProgram",
     "evaluate_m2",
     "M2EvalResult",
     "VAEConfig",

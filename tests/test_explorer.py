@@ -18,7 +18,7 @@ from torch import nn
 
 from pyro_vae import VAEConfig, explore, fit
 from pyro_vae.cli import main
-from pyro_vae.core.errors import ConfigError
+from pyro_vae.core.errors import ConfigError, DataError
 from pyro_vae.experiments.explorer import DATA_FILE, PAGE_DIR, PAGE_FILES, inline_page
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
@@ -48,15 +48,26 @@ def _train(folder: Path, **settings):
     return fit(VAEConfig(**{**TINY, **settings}), out=folder, progress=False, log=lambda line: None)
 
 
+def _colour_images(n: int, seed: int) -> torch.Tensor:
+    """``[n, 3, 8, 8]`` smooth random colour images in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.sigmoid(torch.nn.functional.interpolate(torch.randn(n, 3, 4, 4, generator=g), size=8, mode="bilinear"))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """``{name: (run, page folder)}`` for every entry of ``RUNS``: trained a few steps, then explored."""
+    """``{name: (run, page folder)}`` for every entry of ``RUNS``, and a run on colour images handed
+    over in Python: trained a few steps, then explored."""
     root = tmp_path_factory.mktemp("explorer")
     found = {}
     for name, settings in RUNS.items():
         run = _train(root / name, **settings)
         explore(run, root / f"{name}-page")
         found[name] = (run, root / f"{name}-page")
+    colour = fit(VAEConfig(**{**TINY, "z_dim": 4, "likelihood": "continuous-bernoulli", "binarize": "none"}),
+                 out=root / "colour", train_data=_colour_images(100, 0), progress=False, log=lambda line: None)
+    explore(colour, root / "colour-page", data=_colour_images(30, 1))
+    found["colour-4d-given-data"] = (colour, root / "colour-page")
     return found
 
 
@@ -92,7 +103,7 @@ def _open(driver, folder: Path) -> str:
 
 
 @needs_browser
-@pytest.mark.parametrize("name", list(RUNS))
+@pytest.mark.parametrize("name", [*RUNS, "colour-4d-given-data"])
 def test_page_decodes_like_torch(runs, browser, name):
     run, folder = runs[name]
     _open(browser, folder)
@@ -187,6 +198,13 @@ def test_unsupported_run_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot explore this run" in err and "arch=conv" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_run_on_data_given_in_python_needs_its_images(runs, tmp_path):
+    run, _ = runs["colour-4d-given-data"]
+    with pytest.raises(DataError, match="shape 3x8x8"):  # its config names mnist-5k: 1x28x28 images
+        explore(run, tmp_path / "page")
+    assert not (tmp_path / "page").exists()
 
 
 def test_own_decoder_is_refused_in_python(tmp_path):

@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..core.data import eval_binarized, load_dataset, source_options
+from ..core.data import as_image_data, check_shape_matches, eval_binarized, load_dataset, source_options
 from ..core.errors import ConfigError
 from ..core.rundir import atomic_write
 from ..infer.evaluate import load_eval_data
@@ -111,9 +111,11 @@ def decoder_layers(run: Run):
 
 def _unsupported(config) -> Optional[str]:
     """Why the page cannot show a run of ``config``, or ``None``."""
+    own = getattr(config, "program", None)  # fit(program=...), pyro-vae train --program FILE:CLASS
     reasons = [
         (config.model not in EXPLORED_MODELS,
          f"its model is {config.model} (the page shows {' and '.join(EXPLORED_MODELS)}, one latent layer)"),
+        (own is not None, f"it is your own program ({own}), which only torch can run"),
         ("decoder" in config.custom_modules, "it was trained with your own decoder, which only torch can run"),
         (config.arch != "mlp", f"its decoder is arch={config.arch} (the page runs the built-in mlp decoders)"),
         (config.prior != "normal",
@@ -196,41 +198,50 @@ def _sprite(images: torch.Tensor, event_shape: Sequence[int]) -> str:
     return "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
 
 
-def _held_out(run: Run, n: int):
-    """``(data, split)``: the first ``n`` images of the split :func:`load_eval_data` picks for the
-    run (the training images when it holds none), binarized as evaluation binarizes them."""
-    data = load_eval_data(run.config, limit=n)
-    if len(data) == 0:
-        data = load_dataset(run.config.dataset, "train", limit=n, **source_options(run.config))
-    return data, {"val": "validation"}.get(data.split, data.split)
+def _held_out(run: Run, n: int, data=None):
+    """``(data, split)``: the first ``n`` images of ``data`` (anything
+    :func:`~pyro_vae.core.data.as_image_data` takes) or else of the split :func:`load_eval_data`
+    picks for the run (the training images when it holds none). A one-line
+    :class:`~pyro_vae.core.errors.DataError` when their shape is not the run's (a run trained on
+    data handed over in Python: pass its held-out images as ``data``)."""
+    if data is not None:
+        data, split = as_image_data(data, split="given", binarize=run.config.binarize).subset(n), "given"
+    else:
+        data = load_eval_data(run.config, limit=n)
+        if len(data) == 0:
+            data = load_dataset(run.config.dataset, "train", limit=n, **source_options(run.config))
+        split = {"val": "validation"}.get(data.split, data.split)
+    check_shape_matches(data, run.config.event_shape, "the run" + (f" {run.path}" if run.path is not None else ""))
+    return data, split
 
 
-def _run_summary(run: Run, split: str, n: int) -> dict:
+def _run_summary(run: Run, data, split: str, n: int) -> dict:
     c = run.config
-    source = c.data_dir or c.data or c.dataset
+    source = data.name if split == "given" else c.data_dir or c.data or c.dataset
     return {
         "name": Path(run.path).name if run.path is not None else "run",
         "model": c.model, "likelihood": c.likelihood, "guide": c.guide, "hidden": list(c.hidden),
         "epochs": len(run.history), "data": str(source), "binarize": c.binarize,
-        "images": f"{n} {split} images of {source}" + (" (binarized with seed 0, as evaluation does)"
-                                                      if c.binarize == "dynamic" else ""),
+        "images": (f"{n} images given to explore ({source})" if split == "given" else f"{n} {split} images of {source}")
+        + (" (binarized with seed 0, as evaluation does)" if c.binarize == "dynamic" else ""),
         "valElbo": run.history[-1].get("val_elbo") if run.history else None,
     }
 
 
 @torch.no_grad()
-def page_data(run: Run, images: int = MAX_IMAGES) -> dict:
+def page_data(run: Run, images: int = MAX_IMAGES, data=None) -> dict:
     """Everything the page shows of ``run`` (JSON-ready): the decoder's layers, the codes of up to
-    ``images`` held-out images and their projection onto the map, labels and the images."""
+    ``images`` held-out images (of ``data``, else the run's own, :func:`_held_out`) and their
+    projection onto the map, labels and the images."""
     layers, mean_name = decoder_layers(run)
     is_m2 = run.config.model == "m2"
-    data, split = _held_out(run, images if is_m2 or run.vae.inference.amortized else min(images, 500))
+    data, split = _held_out(run, images if is_m2 or run.vae.inference.amortized else min(images, 500), data)
     x = eval_binarized(data).cpu()
     y_hat = run.vae.classify(x.to(run.device)).argmax(-1).cpu() if is_m2 else None
     mean, std = latent_moments(run, x, y_hat)
     return {
         "format": 1,
-        "run": _run_summary(run, split, len(x)),
+        "run": _run_summary(run, data, split, len(x)),
         "shape": list(run.config.event_shape),
         "zDim": run.config.z_dim,
         "numClasses": run.config.num_classes if is_m2 else 0,
@@ -258,7 +269,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
                           "there, or choose another --out")
 
 
-def explore(run, out, *, overwrite: bool = False, images: int = MAX_IMAGES) -> Path:
+def explore(run, out, *, overwrite: bool = False, images: int = MAX_IMAGES, data=None) -> Path:
     """Write the explorer of ``run`` (a :class:`~pyro_vae.infer.run.Run` or a run folder) into the
     folder ``out`` and return the path of its ``index.html``; open it in any browser, offline.
 
@@ -266,10 +277,13 @@ def explore(run, out, *, overwrite: bool = False, images: int = MAX_IMAGES) -> P
         replaced; nothing else there is touched).
     :param images: held-out images on the map (at most; 500 for guides without an encoder, which
         fit each image).
+    :param data: the images for the map (an :class:`~pyro_vae.core.data.ImageData`, a tensor, an
+        array or a ``Dataset``, as :func:`~pyro_vae.fit` takes them); by default the run's own held-out
+        split (the validation images, or the test split where its data has one).
 
-    A missing run, a run the page cannot show (see the module's docstring) and an existing
-    folder without ``overwrite`` raise a one-line :class:`~pyro_vae.core.errors.PyroVAEError`
-    before anything is written.
+    A missing run, a run the page cannot show (see the module's docstring) and a folder that holds
+    files already, without ``overwrite``, raise a one-line :class:`~pyro_vae.core.errors.PyroVAEError`
+    before anything is written (an empty folder is used as it is).
     """
     out = Path(out)
     if not isinstance(run, Run):
@@ -278,7 +292,7 @@ def explore(run, out, *, overwrite: bool = False, images: int = MAX_IMAGES) -> P
     _check_out(out, overwrite)
     if images < 1:
         raise ConfigError(f"images must be a positive integer; got {images}")
-    text = "window.PYRO_VAE_EXPLORER = " + json.dumps(page_data(run, images), separators=(",", ":")) + ";\n"
+    text = "window.PYRO_VAE_EXPLORER = " + json.dumps(page_data(run, images, data), separators=(",", ":")) + ";\n"
     out.mkdir(parents=True, exist_ok=True)
     for name in PAGE_FILES:
         atomic_write(out / name, lambda f, name=name: f.write((PAGE_DIR / name).read_bytes()))

@@ -28,7 +28,6 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
@@ -52,14 +51,16 @@ class DataPlateScale(Messenger):
     estimates the sum over all :math:`N` images. A plate the program opens with a ``subsample``
     of its own keeps its own :math:`\text{size}/B`: the product is :math:`N / B` again.
 
-    :param int num_data: :math:`N`, the training images.
+    A plate with another name (the program's ``data_plate``) is passed on to the layers above as
+    the ``data`` plate, whose dimension ``evaluate`` reads one number per image from.
+
+    :param int num_data: :math:`N`, the training images (``None``: no scaling, e.g. when scoring).
     :param str name: the plate over images (``"data"``, or the plate the program names).
     """
 
     def __init__(self, num_data: Optional[int], name: str = DATA_PLATE):
         super().__init__()
         self.num_data, self.name = num_data, name
-        self.sites = 0  # sample sites seen inside the plate
 
     def _process_message(self, msg) -> None:
         if msg["type"] != "sample":
@@ -67,7 +68,6 @@ class DataPlateScale(Messenger):
         frames = msg["cond_indep_stack"]
         for i, frame in enumerate(frames):
             if frame.name == self.name:
-                self.sites += 1
                 if self.num_data is not None:
                     msg["scale"] = msg["scale"] * (self.num_data / (frame.full_size or frame.size))
                 if self.name != DATA_PLATE:  # the layers above read the plate named "data"
@@ -101,7 +101,7 @@ class LatentScale(Messenger):
         self.beta = beta
 
     def _process_message(self, msg) -> None:
-        if msg["type"] == "sample" and not msg["is_observed"] and not isinstance(msg["fn"], _Subsample):
+        if msg["type"] == "sample" and not msg["is_observed"] and not site_is_subsample(msg):
             msg["scale"] = msg["scale"] * self.beta
 
 
@@ -116,7 +116,9 @@ def takes_data_only(program) -> bool:
             return False
         return True
 
-    methods = (program.model, program.guide)
+    methods = (getattr(program, "model", None), getattr(program, "guide", None))
+    if not all(callable(m) for m in methods):  # not a program at all: as_program says so
+        return False
     return all(accepts(m, None) for m in methods) and not all(accepts(m, None, None, num_data=1, beta=1.0)
                                                             for m in methods)
 
