@@ -22,11 +22,12 @@ until ``--minutes`` of M2 training (CPU minutes of its epochs, or wall with ``--
 ``--epochs`` are done, and writes ``--json`` after every epoch: the accuracy curve, s/epoch (wall and
 CPU), both baselines, M1's and M2's minutes. M1's minutes are the wall seconds of its history, an
 upper bound of its CPU minutes; ``total_minutes`` adds M2's CPU minutes. Run one process per
-``--json`` file (each rewrites its file whole). Run the same command again to continue a run that was stopped (its folder holds a
-checkpoint; the curve so far is read back from ``--json``).
+``--json`` file (each rewrites its file whole). Run the same command again to continue a run that
+was stopped (its folder holds a checkpoint; the curve so far is read back from ``--json``).
 
     OMP_NUM_THREADS=1 python benchmarks/m1m2.py --m1 /work/runs/m1 --data-dir ../shared/data/mnist \\
-        --labels 100 600 3000 --minutes 45 45 45 [--epochs 1000] [--labelled-weight data|step|W] \\
+        --labels 100 600 3000 --minutes 45 45 45 [--clock cpu|wall] [--max-wall-minutes 50] \\
+        [--epochs 1000] [--labelled-weight data|step|W] \\
         [--alpha 0.1] [--lr 1e-3] [--batch-size 100] [--labelled-batch 100] \\
         --out /work/runs/m1m2 --json /work/runs/m1m2.json
 """
@@ -83,8 +84,12 @@ class Progress(Callback):
               f"{record['seconds']:.1f} s ({cpu:.1f} CPU s), M2 {self.entry['m2_wall_minutes']:.1f} min "
               f"({self.entry['m2_cpu_minutes']:.1f} CPU)", flush=True)
         self.cpu = time.process_time()
-        if self.entry[f"m2_{self.args.clock}_minutes"] >= self.minutes:
-            self.entry["stopped"] = f"--minutes {self.minutes:g} ({self.args.clock}) spent"
+        spent = [f"--minutes {self.minutes:g} ({self.args.clock})"] if \
+            self.entry[f"m2_{self.args.clock}_minutes"] >= self.minutes else []
+        spent += [f"--max-wall-minutes {self.args.max_wall_minutes:g}"] if \
+            self.entry["m2_wall_minutes"] >= self.args.max_wall_minutes else []
+        if spent:
+            self.entry["stopped"] = " and ".join(spent) + " spent"
             self.report.write()
             raise BudgetSpent()
 
@@ -196,6 +201,8 @@ def main() -> None:
     p.add_argument("--minutes", type=float, nargs="+", default=None, help="M2 training minutes per label count")
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                    help="what --minutes counts: CPU time of the process (default; fair on a shared machine) or wall time")
+    p.add_argument("--max-wall-minutes", type=float, default=float("inf"),
+                   help="also stop when M2's epochs have taken this many wall minutes (a session's limit)")
     p.add_argument("--epochs", type=int, nargs="+", default=[1000], help="epochs per label count (the most, with --minutes)")
     p.add_argument("--val-size", type=int, default=10000, help="held-out test images (default 10000)")
     p.add_argument("--labelled-weight", default="data", help="data | step | a number (pyro_vae.program.m2)")

@@ -43,7 +43,7 @@ html_theme = "sphinx_rtd_theme"
 html_title = f"pyro-vae {release}"
 html_static_path = ["_static"]
 html_css_files = ["custom.css"]
-html_extra_path = ["_extra"]  # copied as they are to the site's root: explorer/ (pyro-vae explore's page)
+html_extra_path = ["_generated"]  # copied as they are to the site's root: explorer/ (assemble_explorer)
 html_show_sourcelink = False
 
 # --- math: the local MathJax copy, never a CDN -----------------------------------------------------
@@ -82,6 +82,20 @@ def copy_notebooks() -> None:
         dst = target / name
         if not dst.exists() or dst.read_text() != text:
             dst.write_text(text)
+
+
+def assemble_explorer() -> None:
+    """``docs/_generated/explorer/`` (git-ignored): the package's explorer page files and the
+    committed ``docs/explorer_run/weights.js`` of the docs' run, i.e. what ``pyro-vae explore`` writes."""
+    from pyro_vae.experiments.explorer import DATA_FILE, PAGE_DIR, PAGE_FILES
+
+    target = DOCS / "_generated" / "explorer"
+    target.mkdir(parents=True, exist_ok=True)
+    sources = [PAGE_DIR / name for name in PAGE_FILES] + [DOCS / "explorer_run" / DATA_FILE]
+    for src in sources:
+        dst = target / src.name
+        if not dst.exists() or dst.read_bytes() != src.read_bytes():
+            dst.write_bytes(src.read_bytes())
 
 
 def subcommands(parser) -> dict:
@@ -151,4 +165,5 @@ def write_cli_reference() -> None:
 smartquotes = False  # "--flag" stays two hyphens, quotes stay as typed
 
 copy_notebooks()
+assemble_explorer()
 write_cli_reference()

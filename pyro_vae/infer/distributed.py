@@ -37,7 +37,7 @@ particles) draw inside a forked stream seeded by (seed, epoch, step, rank): inde
 ranks, the main stream still in lockstep, but not equal to a single-process run.
 
 **Validation** is sharded the same way (contiguous rows), each rank scores its shard with
-:func:`pyro_vae.train.elbo_per_image`, and the sums are all-reduced (a one-sample estimate, so it
+:func:`pyro_vae.infer.objectives.elbo_per_image`, and the sums are all-reduced (a one-sample estimate, so it
 differs from the single-process number by Monte-Carlo noise).
 
 **Files.** Rank 0 alone prepares and writes the run folder, logs and draws the progress bar;

@@ -55,7 +55,7 @@ from torch.nn import functional as F
 
 from ..core.data import ImageData, check_shape_matches, eval_binarized, load_dataset, source_options, kind_of_test_split
 from ..core.errors import ConfigError
-from ..core.progress import tqdm
+from ..core.progress import disable, tqdm
 from ..core.rundir import write_json
 from ..program.contract import Program, check_program, program_name
 from ..program.guides import reparameterize
@@ -450,7 +450,7 @@ def _evaluate_program(program: Program, run: Optional[Run], images, iwae_k, elbo
     check_program(program, x_all[:2].to(device))
     chunk = _chunk_size(chunk_k, min(batch_size, len(x_all)))
     parts: Dict[str, List[torch.Tensor]] = {}
-    bar = tqdm(total=len(x_all), unit="img", desc=f"evaluate (k={iwae_k})", disable=not progress, leave=False)
+    bar = tqdm(total=len(x_all), unit="img", desc=f"evaluate (k={iwae_k})", disable=disable(progress), leave=False)
     for idx in torch.arange(len(x_all)).split(batch_size):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(int(np.random.SeedSequence(seed, spawn_key=(2, int(idx[0]))).generate_state(1)[0]))
@@ -509,7 +509,7 @@ def _score_images(vae, x_all, posterior: Posterior, iwae_k, elbo_samples, batch_
     device, dtype = (params.device, params.dtype) if params is not None else (x_all.device, x_all.dtype)
     n = len(x_all)
     per_image: Dict[str, List[torch.Tensor]] = {"elbo": [], "reconstruction": [], "kl": [], "iwae": [], "loc": []}
-    bar = tqdm(total=n, unit="img", desc=f"evaluate (k={iwae_k})", disable=not progress, leave=False)
+    bar = tqdm(total=n, unit="img", desc=f"evaluate (k={iwae_k})", disable=disable(progress), leave=False)
     for idx in torch.arange(n).split(batch_size):
         x = x_all[idx].to(device=device, dtype=dtype)  # [B, D]
         q = posterior(x, idx.to(device))  # (loc, scale), [B, z_dim] each, or a distribution

@@ -25,7 +25,7 @@ from typing import List, Optional
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
-from ..core.progress import tqdm
+from ..core.progress import disable, tqdm
 from ..program.guides import MeanFieldGuide
 from ..program.local_flows import LocalFlowGuide
 
@@ -167,7 +167,7 @@ def _optimise(vae, guide, x, elbo, steps: int, lr: float, record_every: int, pro
     # settles at the optimum instead of wandering around it at the noise floor
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0 - t / max(steps, 1))
     with frozen(vae), torch.enable_grad():
-        for step in tqdm(range(steps + 1), desc=desc, leave=False, disable=not progress):
+        for step in tqdm(range(steps + 1), desc=desc, leave=False, disable=disable(progress)):
             loss = elbo.differentiable_loss(vae.model, guide, x)  # -sum_i ELBO_i
             if step % record_every == 0 or step == steps:
                 result.steps.append(step)
