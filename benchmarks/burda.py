@@ -302,14 +302,16 @@ def test_slice(test, limit: int):
 def write_results(args, speed_rows, results) -> None:
     budget = f"{args.minutes} min" if args.minutes else f"{args.epochs} epochs"
     lines = [f"Budget {budget} of training per model (1 CPU thread), batch {args.batch_size}, Adam {args.lr:g}, "
-             f"schedule {args.lr_schedule}, KL warm-up {args.kl_warmup} epochs, decoder bias init {args.bias_init}. Test NLL = -IWAE bound (k = {args.eval_k}) on the first "
+             f"schedule {args.lr_schedule}, KL warm-up {args.kl_warmup} epochs, decoder bias init {args.bias_init}. "
+             f"Test NLL = -IWAE bound (k = {args.eval_k}) on the first "
              f"{results[0]['eval_n']} of the 10,000 images held out of the 60,000 MNIST training images "
              "(seeded split), one fixed binarization.", "",
              f"| model | K | epochs (planned) | train min | CPU min | -IWAE k={args.eval_k} (nats) | SE | -ELBO | active units | paper |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         objective, k = MODELS[r["model"]]
-        lines.append(f"| {objective} | {k} | {r['epochs']} ({r['planned_epochs']}) | {r['train_seconds'] / 60:.1f} | {r['train_cpu_seconds'] / 60:.1f} | {-r['iwae']:.2f} | "
+        lines.append(f"| {objective} | {k} | {r['epochs']} ({r['planned_epochs']}) | {r['train_seconds'] / 60:.1f} | "
+                     f"{r['train_cpu_seconds'] / 60:.1f} | {-r['iwae']:.2f} | "
                      f"{r['iwae_se']:.2f} | {-r['elbo']:.2f} | {r['active_units']} | {PAPER.get(r['model'], '')} |")
     if speed_rows and results:
         lines += ["", speed_table(speed_rows)]

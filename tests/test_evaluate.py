@@ -204,12 +204,12 @@ def test_cli_json_is_one_object_with_the_python_numbers(run, run_dir, val, capsy
     assert result["iwae"] == same.iwae and result["elbo"] == same.elbo and result["note"] is None
 
 
-def test_cli_table_with_progress_bar_on_stderr(run_dir, capsys):
+def test_cli_table_and_no_bar_frames_when_stderr_is_no_terminal(run_dir, capsys):
     assert main(["evaluate", str(run_dir), *QUICK[:-1], "--binarize", "none"]) == 0
     captured = capsys.readouterr()
     assert "IWAE bound (k=10)" in captured.out and "active units" in captured.out
     assert "not log-likelihoods" in captured.out
-    assert "evaluate (k=10)" in captured.err  # tqdm
+    assert "evaluate (k=10)" not in captured.err and "\r" not in captured.err  # a captured stream: no tqdm frames
 
 
 def test_cli_on_a_folder_with_only_a_test_file(run_dir, tmp_path, capsys):

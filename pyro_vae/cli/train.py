@@ -77,7 +77,8 @@ def add_parser(sub) -> None:
     o.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
                    help="constant (default) | cosine: lr (1 + cos(pi epoch/epochs))/2 | burda: lr 10^(-i/7) in 8 "
                    "stages of 3^i epochs (Burda et al. 2016), compressed into --epochs")
-    o.add_argument("--kl-warmup", type=int, default=d.kl_warmup, metavar="E", help=f"epochs of linear KL warm-up, beta = 1/E ... 1 (default {d.kl_warmup}; 0: off)")
+    o.add_argument("--kl-warmup", type=int, default=d.kl_warmup, metavar="E",
+                   help=f"epochs of linear KL warm-up, beta = 1/E ... 1 (default {d.kl_warmup}; 0: off)")
     o.add_argument("--beta", type=float, default=d.beta, help="KL weight after warm-up (default 1)")
     o.add_argument("--seed", type=int, default=d.seed)
     o.add_argument("--device", choices=DEVICES, default=d.device)

@@ -246,8 +246,8 @@ def page_data(run: Run, images: int = MAX_IMAGES, data=None) -> dict:
         "zDim": run.config.z_dim,
         "numClasses": run.config.num_classes if is_m2 else 0,
         "decoder": {"mean": mean_name, "layers": [
-            {"in": l["weight"].shape[1], "out": l["weight"].shape[0], "weight": _float32(l["weight"]),
-             "bias": _float32(l["bias"]), "softplus": l["softplus"]} for l in layers]},
+            {"in": layer["weight"].shape[1], "out": layer["weight"].shape[0], "weight": _float32(layer["weight"]),
+             "bias": _float32(layer["bias"]), "softplus": layer["softplus"]} for layer in layers]},
         "prior": {"loc": 0.0, "scale": 1.0},
         "points": {"count": len(x), "mean": _float32(mean), "std": _float32(std),
                    "labels": None if data.labels is None else data.labels[: len(x)].tolist(),

@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..core.errors import ConfigError
-from ..core.progress import tqdm
+from ..core.progress import disable, tqdm
 from .evaluate import CHUNK_ROWS, _image_normal, _images_to_score, _summary
 from .run import Run, load_run
 
@@ -127,7 +127,7 @@ def evaluate_m2(run, images, *, iwae_k: int = 100, elbo_samples: int = 10, batch
     meta, x_all = _images_to_score(images, config, f"run {run.path}")
     device = next(m2.parameters()).device
     start, parts = time.perf_counter(), {"elbo": [], "iwae": [], "log_qy": []}
-    bar = tqdm(total=len(x_all), unit="img", desc=f"evaluate M2 (k={iwae_k})", disable=not progress, leave=False)
+    bar = tqdm(total=len(x_all), unit="img", desc=f"evaluate M2 (k={iwae_k})", disable=disable(progress), leave=False)
     for idx in torch.arange(len(x_all)).split(batch_size):
         for key, value in _score_batch(m2, x_all[idx].to(device), idx, iwae_k, elbo_samples, seed).items():
             parts[key].append(value.cpu())
