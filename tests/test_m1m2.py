@@ -241,3 +241,14 @@ def test_the_plate_diagram_stacks_m2_on_m1(m1_run):
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert {"$y$", "$z_2$", "$z_1$", "$x$"} <= set(texts) and "M1\n(frozen)" in texts
     assert len(fig.axes[0].patches) > 4  # circles, arrows, the plate
+
+
+def test_the_run_cache_serves_a_stacked_run_and_keys_it_on_m1(m1_run, tmp_path):
+    """fit(cache=...) fills M1's checksum and units in before keying, so a second call loads the
+    entry instead of training it again."""
+    messages = []
+    config = _config(m1_run)
+    first = fit(config, train_data=_data(), progress=False, log=messages.append, cache=tmp_path)
+    again = fit(config, train_data=_data(), progress=False, log=messages.append, cache=tmp_path)
+    assert [m.split(":")[1].split()[0] for m in messages if m.startswith("run cache")] == ["training", "loaded"]
+    assert again.path == first.path and again.config.features_sha256 == file_sha256(m1_run / "checkpoint.pt")

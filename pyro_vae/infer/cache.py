@@ -38,6 +38,7 @@ from ..core.config import VAEConfig, resolve_device
 from ..core.data import ImageData, load_splits
 from ..core.errors import CheckpointError, ConfigError
 from ..core.rundir import load_checkpoint, write_json
+from ..program.programs import fit_to_data
 from .checkpointing import data_fingerprint
 from .run import Run, load_run
 
@@ -121,6 +122,7 @@ def cached_run(
     the cache (``fit`` passes its trainer). ``retrain`` replaces an entry that would serve."""
     if train_data is None:
         train_data, val_data = load_splits(config)
+    config = fit_to_data(config, train_data)  # what training fills in from the data (M1+M2: M1's checksum) keys the run too
     key, described = run_key(config, train_data, val_data)
     folder = cache_root(root) / key
     if not retrain:
