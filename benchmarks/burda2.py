@@ -44,7 +44,7 @@ from pyro.infer import Trace_ELBO
 from torch import nn
 from torch.nn import functional as F
 
-from burda import arguments, speed, speed_table, test_slice, train_one
+from burda import arguments, hand_written_epoch, speed, speed_table, test_slice, train_one
 from pyro_vae import IWAE_ELBO, Callback, VAEConfig
 from pyro_vae.core.data import load_splits
 from pyro_vae.infer.evaluate import evaluate
@@ -109,13 +109,7 @@ class HandWrittenVAE2(nn.Module):
         return -bound.sum() * (self.num_data / x.shape[0])
 
     def epoch(self, images, batch_size: int) -> float:
-        start = time.perf_counter()
-        for idx in torch.randperm(len(images)).split(batch_size):
-            loss = self.loss(torch.bernoulli(images[idx]))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-        return time.perf_counter() - start
+        return hand_written_epoch(self, images, batch_size)
 
 
 @torch.no_grad()
