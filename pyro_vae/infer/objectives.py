@@ -143,10 +143,14 @@ def fused_loss(vae, config: VAEConfig, x, idx, num_data, beta, noise_rows=None) 
 
 def make_optimizer(vae: Program, config: VAEConfig):
     """One ``torch.optim.Adam`` over all parameters; with per-datapoint (sparse) parameters, a
-    ``SparseAdam`` for those, so a minibatch step moves only the rows of its images."""
+    ``SparseAdam`` for those, so a minibatch step moves only the rows of its images.
+
+    ``foreach=True``: the multi-tensor update, torch's default on CUDA but not on CPU, where the
+    one-tensor-at-a-time loop costs about 0.1 ms per parameter tensor and step (15% of a step of
+    the two-layer model at batch 20); the numbers it computes are the same."""
     sparse = [p for m in vae.modules() if isinstance(m, torch.nn.Embedding) and m.sparse for p in m.parameters()]
     dense = [p for p in vae.parameters() if all(p is not q for q in sparse)]
-    adam = torch.optim.Adam(dense, lr=config.lr, betas=(config.adam_beta1, 0.999))
+    adam = torch.optim.Adam(dense, lr=config.lr, betas=(config.adam_beta1, 0.999), foreach=True)
     if not sparse:
         return adam
     return Optimizers(adam, torch.optim.SparseAdam(sparse, lr=config.local_lr))
