@@ -28,9 +28,22 @@ def _same_plate(relations: dict, site: str) -> List[str]:
             if any(site in members and o in members for members in relations["plate_sample"].values())]
 
 
+#: label side -> (offset from the node's centre in radii + 0.02, alignment)
+_LABEL_PLACES = {"above": ((0, 1), dict(ha="center", va="bottom")), "left": ((-1, 0), dict(ha="right", va="center")),
+                 "right": ((1, 0), dict(ha="left", va="center"))}
+
+
+def _dist_label(ax, centre, text: str, side: str) -> None:
+    """A site's distribution name next to its node, on ``side`` (a key of ``_LABEL_PLACES``)."""
+    (du, dv), align = _LABEL_PLACES[side]
+    gap = RADIUS + 0.02
+    ax.text(centre[0] + du * gap, centre[1] + dv * gap, text, fontsize=8, color="0.3", **align)
+
+
 def draw_plate_diagram(relations: dict, guide_relations: Optional[dict] = None,
                        pos: Optional[Dict[str, Tuple[float, float]]] = None, size=(3.5, 3.5), names=None,
-                       reads: Optional[Dict[str, List[str]]] = None, edges: Tuple[Tuple[str, str], ...] = ()):
+                       reads: Optional[Dict[str, List[str]]] = None, edges: Tuple[Tuple[str, str], ...] = (),
+                       label_side: Optional[Dict[str, str]] = None):
     """Sites as circles (observed ones shaded) with their distributions, solid arrows for the
     model's dependencies (``relations["sample_sample"]``), a box per plate; with
     ``guide_relations``, dashed blue arrows for the guide's: every latent site it samples depends
@@ -43,6 +56,8 @@ def draw_plate_diagram(relations: dict, guide_relations: Optional[dict] = None,
         sites in a plate with it.
     :param edges: more model arrows ``(parent, child)``: Pyro records dependencies on sampled
         values only, so an observed parent (a label given as data) needs one.
+    :param label_side: site -> ``"above"`` (default), ``"left"`` or ``"right"``: where its
+        distribution's name goes (beside a node that has arrows coming in from above).
     """
     sites = list(relations["sample_sample"])
     pos = pos or {site: (0.45, 0.75 - 0.45 * i) for i, site in enumerate(sites)}  # (u, v): v in [0, 1], u in [0, width/height]
@@ -53,7 +68,7 @@ def draw_plate_diagram(relations: dict, guide_relations: Optional[dict] = None,
         shaded = "0.8" if site in relations["observed"] else "white"
         ax.add_patch(Circle((u, v), RADIUS, facecolor=shaded, edgecolor="black"))
         ax.text(u, v, f"${names.get(site, site)}$", ha="center", va="center", fontsize=13)
-        ax.text(u, v + RADIUS + 0.02, relations["sample_dist"][site], ha="center", va="bottom", fontsize=8, color="0.3")
+        _dist_label(ax, (u, v), relations["sample_dist"][site], (label_side or {}).get(site, "above"))
         for parent in [*relations["sample_sample"][site], *(a for a, b in edges if b == site)]:
             _arrow(ax, pos[parent], (u, v))
     if guide_relations is not None:

@@ -72,13 +72,14 @@ def plot_m1m2_diagram(program, x: torch.Tensor):
     guide_relations = get_model_relations(program.guide, model_args=(x,))
     guide_relations["sample_sample"] = {site: parents for site, parents in guide_relations["sample_sample"].items()
                                         if site in program.latent_sites}  # not the closed-form KL's factors
-    pos = {"y": (0.5, 0.83), "z": (1.0, 0.83), "z1": (0.75, 0.5), "x": (0.75, 0.17)}
+    pos = {"y": (0.5, 0.76), "z": (1.0, 0.76), "z1": (0.75, 0.5), "x": (0.75, 0.18)}  # the plate box fits in [0, 1]
     fig = draw_plate_diagram(relations, guide_relations, pos=pos, size=(5.0, 4.2),
-                             names={"z": "z_2", "z1": "z_1"}, reads={"z1": ["x"], "y": [], "z": []})
+                             names={"z": "z_2", "z1": "z_1"}, reads={"z1": ["x"], "y": [], "z": []},
+                             label_side={"z1": "right", "x": "right"})
     ax = fig.axes[0]
-    ax.axhline(0.33, xmin=0.02, xmax=0.98, color="0.6", linestyle=":", linewidth=1)
-    ax.text(0.02, 0.62, "M2\n(trained)", fontsize=8, color="0.3", va="center")
-    ax.text(0.02, 0.2, "M1\n(frozen)", fontsize=8, color="0.3", va="center")
+    ax.axhline(0.34, xmin=0.02, xmax=0.98, color="0.6", linestyle=":", linewidth=1)
+    ax.text(0.02, 0.6, "M2\n(trained)", fontsize=8, color="0.3", va="center")
+    ax.text(0.02, 0.18, "M1\n(frozen)", fontsize=8, color="0.3", va="center")
     return fig
 
 
